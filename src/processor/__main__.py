@@ -1,0 +1,3 @@
+from processor.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""Multi-tier rate limiting: minute, hour, day, week, month; rolling or calendar windows.
+
+One unit is one task sent to a backend. `admit(state, now, n)` reserves up to `n` units,
+all-or-nothing across tiers (every admitted unit is charged on every tier) and partial
+across units ("3 of the 5 fit"). `refund(state, reserved_at, n)` gives back units that
+never reached a backend.
+
+Counters live in buckets so that state is bounded whatever the traffic:
+
+* rolling: a bucket of `granularity` seconds per tier (1 s for the minute tier, 60 s for
+  the hour, 5 min for the day, 1 h for week and month). A unit reserved at `t` falls in
+  bucket `b = floor(t / g) * g` and is counted while `now < b + g + window`: never less
+  than the exact rule (`now < t + window`), at most one bucket longer. The limiter can
+  therefore only be stricter than exact, never looser.
+* fixed: one bucket per tier, keyed by the start of the calendar period that holds `now`
+  in the configured time zone (the zone object is an argument; no clock, no I/O here).
+
+Rolling windows are the last 60 s, 3,600 s, 86,400 s, 7 days and 30 days.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta, tzinfo
+
+import attrs
+
+
+class Period(enum.Enum):
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+class Strategy(enum.Enum):
+    ROLLING = "rolling"
+    FIXED = "fixed"
+
+
+ROLLING_WINDOW: dict[Period, int] = {
+    Period.MINUTE: 60,
+    Period.HOUR: 3_600,
+    Period.DAY: 86_400,
+    Period.WEEK: 7 * 86_400,
+    Period.MONTH: 30 * 86_400,
+}
+GRANULARITY: dict[Period, int] = {
+    Period.MINUTE: 1,
+    Period.HOUR: 60,
+    Period.DAY: 300,
+    Period.WEEK: 3_600,
+    Period.MONTH: 3_600,
+}
+
+
+@attrs.frozen
+class Tier:
+    period: Period
+    limit: int
+    buckets: Mapping[int, int] = attrs.field(factory=dict)  # bucket start (epoch s) -> units
+
+
+@attrs.frozen
+class LimiterState:
+    strategy: Strategy
+    tz: tzinfo
+    tiers: tuple[Tier, ...]
+
+
+@attrs.frozen
+class Charge:
+    """One counter increment the store must persist (negative for a refund)."""
+
+    period: Period
+    bucket: int
+    units: int
+
+
+@attrs.frozen
+class Decision:
+    requested: int
+    admitted: int
+    charges: tuple[Charge, ...] = ()
+    retry_at: float | None = None  # when a unit may fit again, if not all were admitted
+    exhausted: tuple[Period, ...] = ()  # tiers with no room left after this decision
+
+
+@attrs.frozen
+class TierUsage:
+    period: Period
+    used: int
+    limit: int
+    remaining: int
+    resets_at: float | None  # rolling: when the oldest counted unit expires; fixed: period end
+
+
+def new_state(
+    limits: Mapping[Period, int], *, strategy: Strategy = Strategy.ROLLING, tz: tzinfo
+) -> LimiterState:
+    """A limiter for the tiers whose limit is > 0 (0 means off)."""
+    tiers = tuple(Tier(p, int(limits[p])) for p in Period if limits.get(p, 0) > 0)
+    return LimiterState(strategy, tz, tiers)
+
+
+# --- calendar periods ---------------------------------------------------------------
+
+
+def _local_midnight(d: datetime, tz: tzinfo) -> float:
+    return datetime(d.year, d.month, d.day, tzinfo=tz).timestamp()
+
+
+def calendar_period(period: Period, now: float, tz: tzinfo) -> tuple[float, float]:
+    """[start, end) of the calendar period holding `now`, in zone `tz`.
+
+    Minute and hour periods are cut on the local clock (a +05:30 zone's hours start at :30
+    UTC); day, ISO week (Monday 00:00) and month start at local midnight, so a DST day has
+    23 or 25 hours.
+    """
+    local = datetime.fromtimestamp(now, tz)
+    if period is Period.MINUTE:
+        start = now - (local.second + local.microsecond / 1e6)
+        return start, start + 60
+    if period is Period.HOUR:
+        start = now - (local.minute * 60 + local.second + local.microsecond / 1e6)
+        return start, start + 3_600
+    if period is Period.DAY:
+        day = local.date()
+        nxt = day + timedelta(days=1)
+    elif period is Period.WEEK:
+        day = local.date() - timedelta(days=local.weekday())
+        nxt = day + timedelta(days=7)
+    else:
+        day = local.date().replace(day=1)
+        nxt = (day.replace(year=day.year + 1, month=1) if day.month == 12 else day.replace(month=day.month + 1))
+    start = datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()
+    end = datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz).timestamp()
+    if not start <= now < end:  # a zone whose midnight does not exist: fall back to local dates
+        start = min(start, now)
+        end = max(end, now + 1)
+    return start, end
+
+
+def bucket_of(strategy: Strategy, tz: tzinfo, period: Period, t: float) -> int:
+    """The bucket key a unit reserved at time `t` is counted in."""
+    if strategy is Strategy.FIXED:
+        return math.floor(calendar_period(period, t, tz)[0])
+    g = GRANULARITY[period]
+    return math.floor(t / g) * g
+
+
+def _counted(state: LimiterState, tier: Tier, now: float) -> dict[int, int]:
+    """The buckets of `tier` that still count at `now`."""
+    if state.strategy is Strategy.FIXED:
+        key = bucket_of(state.strategy, state.tz, tier.period, now)
+        n = tier.buckets.get(key, 0)
+        return {key: n} if n else {}
+    g, w = GRANULARITY[tier.period], ROLLING_WINDOW[tier.period]
+    return {b: n for b, n in tier.buckets.items() if now < b + g + w and n > 0}
+
+
+def _used(state: LimiterState, tier: Tier, now: float) -> int:
+    return sum(_counted(state, tier, now).values())
+
+
+def _free_at(state: LimiterState, tier: Tier, now: float, need: int) -> float:
+    """Earliest time at which `need` more units fit in `tier` (ignoring new charges)."""
+    if state.strategy is Strategy.FIXED:
+        return calendar_period(tier.period, now, state.tz)[1]
+    g, w = GRANULARITY[tier.period], ROLLING_WINDOW[tier.period]
+    counted = sorted(_counted(state, tier, now).items())
+    excess = sum(n for _, n in counted) + need - tier.limit
+    for b, n in counted:
+        excess -= n
+        if excess <= 0:
+            return float(b + g + w)
+    return now  # fits already
+
+
+def usage(state: LimiterState, now: float) -> list[TierUsage]:
+    out = []
+    for tier in state.tiers:
+        counted = _counted(state, tier, now)
+        used = sum(counted.values())
+        if state.strategy is Strategy.FIXED:
+            resets = calendar_period(tier.period, now, state.tz)[1]
+        elif counted:
+            resets = float(min(counted) + GRANULARITY[tier.period] + ROLLING_WINDOW[tier.period])
+        else:
+            resets = None
+        out.append(TierUsage(tier.period, used, tier.limit, max(0, tier.limit - used), resets))
+    return out
+
+
+def _prune(state: LimiterState, tier: Tier, now: float) -> dict[int, int]:
+    """Drop buckets that can never count again (time only moves forward in the shell)."""
+    if state.strategy is Strategy.FIXED:
+        start = bucket_of(state.strategy, state.tz, tier.period, now)
+        return {b: n for b, n in tier.buckets.items() if b >= start}
+    g, w = GRANULARITY[tier.period], ROLLING_WINDOW[tier.period]
+    return {b: n for b, n in tier.buckets.items() if now < b + g + w}
+
+
+def admit(state: LimiterState, now: float, n: int) -> tuple[LimiterState, Decision]:
+    """Reserve up to `n` units at time `now`."""
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    if not state.tiers:
+        return state, Decision(n, n)
+    room = min(t.limit - _used(state, t, now) for t in state.tiers)
+    k = max(0, min(n, room))
+    new_tiers = []
+    charges = []
+    for tier in state.tiers:
+        buckets = _prune(state, tier, now)
+        if k:
+            key = bucket_of(state.strategy, state.tz, tier.period, now)
+            buckets[key] = buckets.get(key, 0) + k
+            charges.append(Charge(tier.period, key, k))
+        new_tiers.append(attrs.evolve(tier, buckets=buckets))
+    new_state = attrs.evolve(state, tiers=tuple(new_tiers))
+    exhausted = tuple(t.period for t in new_state.tiers if _used(new_state, t, now) >= t.limit)
+    retry_at = None
+    if k < n:
+        retry_at = max(_free_at(new_state, t, now, 1) for t in new_state.tiers)
+    return new_state, Decision(n, k, tuple(charges), retry_at, exhausted)
+
+
+def refund(state: LimiterState, reserved_at: float, n: int) -> tuple[LimiterState, tuple[Charge, ...]]:
+    """Give back `n` units reserved at `reserved_at` (never below zero)."""
+    new_tiers = []
+    charges = []
+    for tier in state.tiers:
+        key = bucket_of(state.strategy, state.tz, tier.period, reserved_at)
+        have = tier.buckets.get(key, 0)
+        back = min(have, n)
+        if back:
+            buckets = dict(tier.buckets)
+            if have - back:
+                buckets[key] = have - back
+            else:
+                del buckets[key]
+            charges.append(Charge(tier.period, key, -back))
+            tier = attrs.evolve(tier, buckets=buckets)
+        new_tiers.append(tier)
+    return attrs.evolve(state, tiers=tuple(new_tiers)), tuple(charges)
+
+
+def with_counts(state: LimiterState, rows: Iterable[tuple[Period, int, int]]) -> LimiterState:
+    """Load persisted counters (period, bucket, units) into a fresh state.
+
+    Rows for tiers that are now off are ignored; a limit changed between runs applies to
+    the counts already used.
+    """
+    by_period: dict[Period, dict[int, int]] = {t.period: dict(t.buckets) for t in state.tiers}
+    for period, bucket, units in rows:
+        if period in by_period and units > 0:
+            by_period[period][bucket] = by_period[period].get(bucket, 0) + units
+    return attrs.evolve(
+        state, tiers=tuple(attrs.evolve(t, buckets=by_period[t.period]) for t in state.tiers)
+    )
+
+
+def prune_before(state: LimiterState, period: Period, now: float) -> int:
+    """Bucket keys below this value can be deleted from storage."""
+    if state.strategy is Strategy.FIXED:
+        return bucket_of(state.strategy, state.tz, period, now)
+    return math.floor(now - ROLLING_WINDOW[period] - GRANULARITY[period])

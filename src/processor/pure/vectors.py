@@ -1,0 +1,53 @@
+"""Check what a backend returned before it is reported: garbage never reaches the API."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class VectorOk:
+    vector: list[float]
+
+
+@attrs.frozen
+class VectorBad:
+    reason: str
+
+
+def check_vector(value: Any, expected_dim: int | None) -> VectorOk | VectorBad:
+    """One finite vector of the expected dimension (None: any non-empty size)."""
+    if not isinstance(value, (list, tuple)):
+        return VectorBad(f"backend returned a {type(value).__name__}, not a vector")
+    if not value:
+        return VectorBad("backend returned an empty vector")
+    if expected_dim is not None and len(value) != expected_dim:
+        return VectorBad(f"vector has {len(value)} dimensions, expected {expected_dim}")
+    for x in value:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            return VectorBad(f"vector holds a non-finite or non-numeric value ({str(x)[:20]})")
+    return VectorOk([float(x) for x in value])
+
+
+def check_batch(
+    vectors: Sequence[Any], n_inputs: int, expected_dim: int | None
+) -> tuple[list[VectorOk | VectorBad], int | None]:
+    """Check a batch answer; returns per-input verdicts and the dimension learnt.
+
+    When no dimension is known yet, the first good vector fixes it for the rest.
+    """
+    if len(vectors) != n_inputs:
+        bad = VectorBad(f"backend returned {len(vectors)} vectors for {n_inputs} inputs")
+        return [bad] * n_inputs, expected_dim
+    out: list[VectorOk | VectorBad] = []
+    dim = expected_dim
+    for v in vectors:
+        verdict = check_vector(v, dim)
+        if isinstance(verdict, VectorOk) and dim is None:
+            dim = len(verdict.vector)
+        out.append(verdict)
+    return out, dim
