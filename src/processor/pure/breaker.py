@@ -100,3 +100,8 @@ def release_probe(b: Breaker) -> Breaker:
     if b.state is State.HALF_OPEN and b.probes_in_flight > 0:
         return attrs.evolve(b, probes_in_flight=b.probes_in_flight - 1)
     return b
+
+
+def trip(b: Breaker, now: float) -> Breaker:
+    """Open at once (a whole-dependency error such as a bad key or exhausted quota)."""
+    return Breaker(State.OPEN, 0, now, b.reopens + (0 if b.state is State.CLOSED else 1), 0, ())

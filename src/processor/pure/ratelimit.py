@@ -269,3 +269,28 @@ def prune_before(state: LimiterState, period: Period, now: float) -> int:
     if state.strategy is Strategy.FIXED:
         return bucket_of(state.strategy, state.tz, period, now)
     return math.floor(now - ROLLING_WINDOW[period] - GRANULARITY[period])
+
+
+def convert_rows(
+    rows: Iterable[tuple[Period, int, int]],
+    *,
+    from_strategy: Strategy,
+    from_tz: tzinfo,
+    to_state: LimiterState,
+    now: float,
+) -> list[tuple[Period, int, int]]:
+    """Re-key stored counters after RATE_LIMIT_STRATEGY or the time zone changed.
+
+    Each old bucket's units are assumed to have been reserved as late as the bucket allows
+    (never after `now`): the conversion can only make the limiter stricter.
+    """
+    out: dict[tuple[Period, int], int] = {}
+    for period, bucket, units in rows:
+        if from_strategy is Strategy.FIXED:
+            latest = calendar_period(period, bucket, from_tz)[1] - 1
+        else:
+            latest = bucket + GRANULARITY[period] - 1
+        t = min(now, latest)
+        key = (period, bucket_of(to_state.strategy, to_state.tz, period, t))
+        out[key] = out.get(key, 0) + units
+    return [(p, b, u) for (p, b), u in out.items()]

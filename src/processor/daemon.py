@@ -1,0 +1,312 @@
+"""Wire the adapters and stages into one Trio nursery, and run them until told to stop.
+
+Lifetimes:
+* services (health server, signal watcher) live as long as the process;
+* the pipeline (poll -> claim -> batch -> embed -> report) lives until shutdown; its stages
+  are connected by bounded memory channels, so a slow stage holds the one before it back.
+
+Shutdown (SIGTERM/SIGINT or `Daemon.stop()`): /ready turns 503 at once; polling and
+claiming stop; in-flight batches get SHUTDOWN_GRACE_SECONDS to finish and report; what is
+unfinished then is cancelled and its claims released inside a shielded scope bounded to
+3 s; exit 0. A second signal cuts the grace to zero.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import trio
+
+import processor
+from processor.config import Mode, Settings, StateBackend
+from processor.effects.api import TaskApi
+from processor.effects.auth import TokenProvider
+from processor.effects.backends.base import EmbeddingBackend
+from processor.effects.backends.mock import MockBackend
+from processor.effects.guard import Guard
+from processor.effects.health import HealthApp
+from processor.effects.leases import Leases, NoLeases
+from processor.effects.limiter import Limiter, build_limiter
+from processor.effects.logs import get_logger
+from processor.effects.metrics import Metrics
+from processor.effects.store import JournalStore
+from processor.pure.breaker import BreakerConfig
+from processor.pure.tasks import Backend, Routing, Task
+from processor.runtime import RELEASE_TIMEOUT, Outcome, Runtime
+from processor.sandbox.server import serve_asgi
+from processor.stages import claim, embed, intake, recovery, report
+
+
+class StartupError(Exception):
+    """The daemon cannot start (a model cannot be made available, a store is unusable)."""
+
+
+def routing_for(settings: Settings) -> Routing:
+    mode = settings.processing_mode
+    local = frozenset(settings.supported_models) if mode in (Mode.OLLAMA, Mode.HYBRID) else frozenset()
+    return Routing(
+        default_model=settings.default_model,
+        local_models=local,
+        remote=mode in (Mode.OPENAI, Mode.HYBRID),
+        mock=mode is Mode.MOCK,
+    )
+
+
+def build_backends(settings: Settings, metrics: Metrics) -> dict[Backend, EmbeddingBackend]:
+    mode = settings.processing_mode
+    out: dict[Backend, EmbeddingBackend] = {}
+    if mode is Mode.MOCK:
+        out[Backend.MOCK] = MockBackend(settings.embedding_dimensions)
+    if mode in (Mode.OLLAMA, Mode.HYBRID):
+        from processor.effects.backends.ollama import OllamaBackend
+
+        out[Backend.OLLAMA] = OllamaBackend(
+            base_url=settings.ollama_base_url, models=settings.supported_models, timeout=settings.ollama_timeout,
+            download_timeout=settings.ollama_model_download_timeout, keep_alive=settings.ollama_keep_alive,
+            truncate=settings.ollama_truncate, max_batch=settings.max_batch_size, metrics=metrics,
+        )
+    if mode in (Mode.OPENAI, Mode.HYBRID):
+        from processor.effects.backends.openai import OpenAIBackend
+
+        assert settings.openai_api_key
+        out[Backend.OPENAI] = OpenAIBackend(
+            api_key=settings.openai_api_key, base_url=settings.openai_base_url, dimensions=settings.embedding_dimensions,
+            timeout=settings.openai_timeout, max_batch=settings.max_batch_size, metrics=metrics,
+        )
+    return out
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        backends: dict[Backend, EmbeddingBackend] | None = None,
+        leases: Leases | None = None,
+        limiter: Limiter | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        handle_signals: bool = True,
+        serve_health: bool = True,
+    ) -> None:
+        self.s = settings
+        self.metrics = metrics or Metrics()
+        self.log = get_logger("daemon")
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._backends = backends
+        self._leases = leases
+        self._limiter = limiter
+        self._handle_signals = handle_signals
+        self._serve_health = serve_health
+        self.rt: Runtime | None = None
+        self.health_url: str | None = None
+        self._stop_requested = trio.Event()
+        self._grace = settings.shutdown_grace_seconds
+        self.started = trio.Event()
+        self.shutting_down = False
+        self._redis: Any = None
+
+    # -- control -------------------------------------------------------------------------
+    def stop(self, *, immediate: bool = False) -> None:
+        if immediate:
+            self._grace = 0.0
+            if self._work_scope is not None:
+                self._work_scope.cancel()
+        self._stop_requested.set()
+
+    _work_scope: trio.CancelScope | None = None
+
+    # -- health --------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        rt = self.rt
+        if rt is None:
+            return {"status": "starting", "version": processor.__version__}
+        limiter_ok, limiter_err = rt.limiter.healthy
+        return {
+            "status": "stopping" if self.shutting_down else "ok",
+            "version": processor.__version__,
+            "mode": self.s.processing_mode.value,
+            "token": {"obtained": rt.tokens.has_token, "last_error": rt.tokens.last_error},
+            "breakers": {g.name: g.state.state.name.lower() for g in self._guards()},
+            "rate_limits": [
+                {"period": u.period.value, "used": u.used, "limit": u.limit, "remaining": u.remaining, "resets_at": u.resets_at}
+                for u in rt.limiter.usage()
+            ],
+            "openai_rate_limits": [
+                {"period": u.period.value, "used": u.used, "limit": u.limit, "remaining": u.remaining, "resets_at": u.resets_at}
+                for u in rt.openai_limiter.usage()
+            ],
+            "state_store": {"writable": limiter_ok and rt.journal.db.writable, "error": limiter_err or rt.journal.db.last_error},
+            "in_flight": len(rt.held),
+            "outbox_size": rt.outbox_size,
+            "quota_exhausted": {b.value: m for b, m in rt.quota_exhausted.items()},
+        }
+
+    def _guards(self) -> list[Guard]:
+        rt = self.rt
+        if rt is None:
+            return []
+        return [rt.api.guard, rt.tokens.guard, *rt.backend_guards.values()]
+
+    def not_ready_reasons(self) -> list[str]:
+        rt = self.rt
+        if rt is None:
+            return ["starting"]
+        reasons = []
+        if self.shutting_down:
+            reasons.append("shutting down")
+        if not rt.tokens.has_token:
+            reasons.append(f"no access token ({rt.tokens.last_error or 'not obtained yet'})")
+        window = max(3 * self.s.polling_interval_seconds, 90.0)
+        last = rt.api.last_success
+        if last is None or trio.current_time() - last > window:
+            reasons.append(f"task API has not answered within {window:g}s")
+        if rt.api.guard.is_open:
+            reasons.append("task API circuit breaker open")
+        for b, g in rt.backend_guards.items():
+            if g.is_open:
+                reasons.append(f"{b.value} backend circuit breaker open" + (f": {rt.backend_down[b]}" if b in rt.backend_down else ""))
+        for b, msg in rt.quota_exhausted.items():
+            reasons.append(f"{b.value} quota exhausted: {msg}")
+        limiter_ok, err = rt.limiter.healthy
+        if not limiter_ok or not rt.journal.db.writable:
+            reasons.append(f"state store not writable: {err or rt.journal.db.last_error}")
+        redis_err = getattr(self._leases, "unavailable", None)
+        if redis_err:
+            reasons.append(f"redis unavailable: {redis_err}")
+        self.metrics.ready.set(0 if reasons else 1)
+        return reasons
+
+    # -- run -------------------------------------------------------------------------------
+    async def run(self) -> int:
+        s = self.s
+        async with trio.open_nursery() as services:
+            if self._serve_health:
+                app = HealthApp(self.metrics.registry, self.health, self.not_ready_reasons)
+                self._health_stop = trio.Event()
+                self.health_url = await services.start(
+                    lambda task_status: serve_asgi(app, s.metrics_host, s.metrics_port, shutdown=self._health_stop, task_status=task_status)
+                )
+                self.log.info("health_server_started", url=self.health_url)
+            if self._handle_signals:
+                await services.start(self._watch_signals)
+            try:
+                await self._run_pipeline()
+            finally:
+                if self._serve_health:
+                    self._health_stop.set()
+                services.cancel_scope.cancel()
+        return 0
+
+    async def _watch_signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            count = 0
+            async for signum in signals:
+                count += 1
+                self.log.info("signal_received", signal=signal.Signals(signum).name, action="shutdown" if count == 1 else "immediate shutdown")
+                self.stop(immediate=count > 1)
+
+    async def _run_pipeline(self) -> None:
+        s = self.s
+        limits = httpx.Limits(max_connections=s.api_concurrency + 4, max_keepalive_connections=s.api_concurrency + 4)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(s.request_timeout), limits=limits) as http:
+            api_guard = Guard("task_api", BreakerConfig(threshold=s.circuit_breaker_threshold, base_wait=2.0, max_wait=60.0), metrics=self.metrics, rng=self._rng)
+            token_guard = Guard("token_endpoint", BreakerConfig(threshold=s.circuit_breaker_threshold, base_wait=2.0, max_wait=120.0), metrics=self.metrics, rng=self._rng)
+            tokens = TokenProvider(http, s, metrics=self.metrics, guard=token_guard)
+            api = TaskApi(http, s.api_base_url, tokens, metrics=self.metrics, guard=api_guard, concurrency=s.api_concurrency)
+            backends = self._backends or build_backends(s, self.metrics)
+            guards = {b: Guard(b.value, BreakerConfig(threshold=s.circuit_breaker_threshold, base_wait=5.0, max_wait=300.0), metrics=self.metrics, rng=self._rng) for b in backends}
+            try:
+                journal = JournalStore(s.journal_path)
+                limiter = self._limiter or build_limiter(s, s.rate_limits, s.rate_limit_storage_path, metrics=self.metrics, name="global", clock=self._clock)
+                openai_limiter = build_limiter(s, s.openai_rate_limits, s.rate_limit_storage_path.replace(".db", "") + "_openai.db", metrics=None, name="openai", clock=self._clock)
+            except Exception as exc:
+                raise StartupError(str(exc)) from None
+            leases = self._leases or NoLeases()
+            rt = Runtime(
+                s, metrics=self.metrics, api=api, tokens=tokens, backends=backends, backend_guards=guards,
+                limiter=limiter, openai_limiter=openai_limiter, journal=journal, leases=leases,
+                routing=routing_for(s), rng=self._rng, wall=self._clock,
+            )
+            self.rt = rt
+            try:
+                for b, adapter in backends.items():
+                    try:
+                        await adapter.start()
+                    except Exception as exc:
+                        raise StartupError(f"{b.value} backend: {exc}") from None
+                self.log.info("daemon_started", version=processor.__version__, mode=s.processing_mode.value,
+                              concurrency=s.concurrency_limit, batch=s.max_batch_size, rate_limits=s.rate_limits.enabled())
+                self.started.set()
+                await self._pipeline(rt)
+            finally:
+                with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
+                    for adapter in backends.values():
+                        await adapter.aclose()
+                journal.db.close()
+
+    async def _pipeline(self, rt: Runtime) -> None:
+        s = self.s
+        pipeline_done = trio.Event()
+
+        async def controller() -> None:
+            await self._stop_requested.wait()
+            self.shutting_down = True
+            rt.stopping.set()
+            self.metrics.ready.set(0)
+            self.log.info("shutdown_started", grace_seconds=self._grace, in_flight=len(rt.held))
+            with trio.move_on_after(self._grace):
+                await pipeline_done.wait()
+            if not pipeline_done.is_set():
+                self.log.warning("shutdown_grace_expired", unfinished=len(rt.held))
+                work.cancel()
+
+        intake_send, intake_recv = trio.open_memory_channel[Task](s.intake_capacity)
+        claimed_send, claimed_recv = trio.open_memory_channel[Task](s.max_batch_size)
+        batch_send, batch_recv = trio.open_memory_channel[Any](s.concurrency_limit)
+        result_send, result_recv = trio.open_memory_channel[list[Outcome]](s.concurrency_limit * 2)
+
+        async with trio.open_nursery() as outer:
+            outer.start_soon(controller)
+            with trio.CancelScope() as work:
+                self._work_scope = work
+                if self._stop_requested.is_set():
+                    work.cancel()
+                await recovery.recover(rt)
+                async with trio.open_nursery() as n:
+                    n.start_soon(intake.poller, rt, intake_send, result_send.clone())
+                    n.start_soon(claim.claimer, rt, intake_recv, claimed_send)
+                    n.start_soon(embed.batcher, rt, claimed_recv, batch_send)
+                    for _ in range(s.concurrency_limit):
+                        n.start_soon(embed.embed_worker, rt, batch_recv.clone(), result_send.clone())
+                    await batch_recv.aclose()
+                    await result_send.aclose()
+                    n.start_soon(report.reporter, rt, result_recv)
+                    n.start_soon(self._reclaim_loop, rt)
+                    # On shutdown the poller stops and closes the intake; every later stage
+                    # ends when its input channel is closed and drained.
+            pipeline_done.set()
+            outer.cancel_scope.cancel()
+        # Whatever did not finish: release claims without a result (shielded, bounded).
+        with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
+            leftover = [tid for tid, h in rt.held.items() if not h.computed]
+            if leftover:
+                await rt.release(leftover, reason="shutdown")
+        kept = sum(1 for h in rt.held.values() if h.computed)
+        self.log.info("shutdown_complete", released=len(rt.held) - kept, outbox_kept=kept)
+
+    async def _reclaim_loop(self, rt: Runtime) -> None:
+        s = self.s
+        if s.state_backend is StateBackend.REDIS:
+            interval, older = s.lease_ttl_seconds, s.lease_ttl_seconds
+        else:
+            interval, older = s.reclaim_interval_seconds, s.reclaim_after_seconds
+        await recovery.reclaimer(rt, interval=interval, older_than=older)

@@ -1,0 +1,220 @@
+"""Ollama embeddings over its HTTP API (CONTRACT.md §4), a thin httpx adapter.
+
+`/api/embed` takes a list of inputs (batching is what speeds Ollama up; concurrency does
+not: it runs one request per model at a time, so requests per model are serialised here).
+At start, each of SUPPORTED_MODELS is checked with `/api/tags`, pulled if missing (progress
+logged, bounded by OLLAMA_MODEL_DOWNLOAD_TIMEOUT) and confirmed with `/api/show` as an
+embedding model whose vector size is learnt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import orjson
+import trio
+
+from processor.effects.backends.base import EmbedError, EmbedErrorKind, EmbedResult, RequestLimits, estimate_tokens
+from processor.effects.logs import get_logger
+from processor.effects.metrics import Metrics
+
+PER_INPUT_TIMEOUT = 1.0  # seconds added to OLLAMA_TIMEOUT per input of a batch
+
+
+class ModelUnavailable(Exception):
+    """A configured model cannot be made available (pull failed, not an embedding model)."""
+
+
+def _base_name(model: str) -> str:
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+
+class OllamaBackend:
+    name = "ollama"
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        models: Sequence[str],
+        timeout: float,
+        download_timeout: float,
+        keep_alive: str,
+        truncate: bool,
+        max_batch: int,
+        metrics: Metrics,
+    ) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=10))
+        self._models = list(models)
+        self._timeout = timeout
+        self._download_timeout = download_timeout
+        self._keep_alive = keep_alive
+        self._truncate = truncate
+        self._max_batch = max_batch
+        self._metrics = metrics
+        self._dims: dict[str, int] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._pulled_after_404: set[str] = set()
+        self.unavailable: dict[str, str] = {}  # model -> reason
+        self._log = get_logger("ollama")
+
+    def limits(self, model: str) -> RequestLimits:
+        return RequestLimits(self._max_batch)
+
+    def expected_dim(self, model: str) -> int | None:
+        return self._dims.get(model)
+
+    def learn_dim(self, model: str, dim: int) -> None:
+        self._dims.setdefault(model, dim)
+
+    def timeout_for(self, n: int) -> float:
+        return self._timeout + PER_INPUT_TIMEOUT * n
+
+    async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
+        if model in self.unavailable:
+            raise EmbedError(f"model {model!r} is unavailable on Ollama: {self.unavailable[model]}", EmbedErrorKind.MODEL)
+        body = {"model": model, "input": list(texts), "truncate": self._truncate, "keep_alive": self._keep_alive}
+        lock = self._locks.setdefault(model, trio.Lock())
+        async with lock:
+            try:
+                resp = await self._http.post("/api/embed", content=orjson.dumps(body), timeout=self.timeout_for(len(texts)),
+                                             headers={"Content-Type": "application/json"})
+            except httpx.TimeoutException:
+                self._count(model, "timeout")
+                raise EmbedError(f"Ollama timed out on a batch of {len(texts)}", EmbedErrorKind.TIMEOUT) from None
+            except httpx.HTTPError as exc:
+                self._count(model, "connection_error")
+                raise EmbedError(f"Ollama unreachable: {type(exc).__name__}", EmbedErrorKind.TRANSIENT) from None
+        self._count(model, str(resp.status_code) if resp.status_code != 200 else "success")
+        if resp.status_code == 200:
+            try:
+                data = orjson.loads(resp.content)
+                vectors = data["embeddings"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                raise EmbedError("Ollama returned an unreadable answer", EmbedErrorKind.TRANSIENT) from None
+            tokens = data.get("prompt_eval_count")
+            if not isinstance(tokens, int):
+                tokens = sum(estimate_tokens(t) for t in texts)
+            self._metrics.ollama_tokens.labels(model, "prompt").inc(tokens)
+            return EmbedResult(vectors, tokens)
+        message = f"Ollama {resp.status_code}: {_error_text(resp)}"[:500]
+        if resp.status_code == 404:
+            if model not in self._pulled_after_404:
+                self._pulled_after_404.add(model)
+                try:
+                    await self.ensure_model(model)
+                except ModelUnavailable as exc:
+                    self.unavailable[model] = str(exc)
+                    raise EmbedError(f"model {model!r} not found on Ollama and could not be pulled: {exc}", EmbedErrorKind.MODEL, status=404) from None
+                raise EmbedError(message + " (pulled it; retrying)", EmbedErrorKind.TRANSIENT, status=404)
+            raise EmbedError(f"model {model!r} not found on Ollama: {message}", EmbedErrorKind.MODEL, status=404)
+        if resp.status_code == 400:
+            raise EmbedError(message, EmbedErrorKind.INPUT, status=400)
+        if resp.status_code in (408, 429) or resp.status_code >= 500:
+            return_kind = EmbedErrorKind.TRANSIENT
+            raise EmbedError(message, return_kind, status=resp.status_code)
+        raise EmbedError(message, EmbedErrorKind.INPUT, status=resp.status_code)
+
+    def _count(self, model: str, status: str) -> None:
+        self._metrics.ollama_requests.labels(model, status).inc()
+
+    # -- start-up: make every configured model available ------------------------------
+    async def start(self) -> None:
+        for model in self._models:
+            await self.ensure_model(model)
+
+    async def pulled(self) -> set[str]:
+        resp = await self._http.get("/api/tags")
+        resp.raise_for_status()
+        names = set()
+        for m in resp.json().get("models", []):
+            for key in ("name", "model"):
+                if isinstance(m.get(key), str):
+                    names.add(m[key])
+        return names
+
+    async def ensure_model(self, model: str) -> int:
+        """Pull `model` if missing, check it embeds, learn its vector size."""
+        try:
+            have = await self.pulled()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ModelUnavailable(f"Ollama at {self._http.base_url} is unreachable ({type(exc).__name__})") from None
+        if model not in have and _base_name(model) not in have:
+            await self.pull(model)
+        try:
+            resp = await self._http.post("/api/show", json={"model": model})
+        except httpx.HTTPError as exc:
+            raise ModelUnavailable(f"/api/show failed ({type(exc).__name__})") from None
+        if resp.status_code != 200:
+            raise ModelUnavailable(f"/api/show answered {resp.status_code}: {_error_text(resp)}")
+        info = resp.json()
+        caps = info.get("capabilities")
+        if isinstance(caps, list) and "embedding" not in caps:
+            raise ModelUnavailable(f"{model} is not an embedding model (capabilities: {', '.join(map(str, caps))})")
+        dim = _embedding_length(info.get("model_info") or {})
+        if dim:
+            self._dims[model] = dim
+        self.unavailable.pop(model, None)
+        self._log.info("ollama_model_ready", model=model, dimensions=dim)
+        return dim or 0
+
+    async def pull(self, model: str) -> None:
+        self._log.info("ollama_pull_started", model=model)
+        last_pct = -10
+        with trio.move_on_after(self._download_timeout) as scope:
+            try:
+                async with self._http.stream("POST", "/api/pull", json={"model": model, "stream": True}, timeout=None) as resp:
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        raise ModelUnavailable(f"pull answered {resp.status_code}: {_error_text(resp)}")
+                    async for line in resp.aiter_lines():
+                        if not line.strip():
+                            continue
+                        try:
+                            event = orjson.loads(line)
+                        except orjson.JSONDecodeError:
+                            continue
+                        if "error" in event:
+                            raise ModelUnavailable(f"pull failed: {event['error']}")
+                        total, done = event.get("total"), event.get("completed")
+                        if isinstance(total, int) and total > 0 and isinstance(done, int):
+                            pct = int(100 * done / total)
+                            if pct >= last_pct + 10:
+                                last_pct = pct
+                                self._log.info("ollama_pull_progress", model=model, percent=pct, status=event.get("status"))
+                        if event.get("status") == "success":
+                            self._log.info("ollama_pull_done", model=model)
+                            return
+            except httpx.HTTPError as exc:
+                raise ModelUnavailable(f"pull interrupted ({type(exc).__name__})") from None
+            raise ModelUnavailable("pull stream ended without success")
+        if scope.cancelled_caught:
+            raise ModelUnavailable(f"pull did not finish within OLLAMA_MODEL_DOWNLOAD_TIMEOUT={self._download_timeout:g}s")
+
+    async def probe(self, model: str) -> None:
+        try:
+            await self.pulled()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise EmbedError(f"Ollama unreachable: {type(exc).__name__}", EmbedErrorKind.TRANSIENT) from None
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def _embedding_length(model_info: dict[str, Any]) -> int | None:
+    for key, value in model_info.items():
+        if key.endswith(".embedding_length") and isinstance(value, int):
+            return value
+    return None
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+        if isinstance(body, dict) and "error" in body:
+            return str(body["error"])[:300]
+    except ValueError:
+        pass
+    return resp.text[:300]

@@ -1,0 +1,243 @@
+"""SQLite state: rate-limit counters, the claim journal and the result outbox.
+
+Each database has one connection used from worker threads, one call at a time
+(`trio.CapacityLimiter(1)`), WAL mode. Related statements go in one call and one
+transaction. The schema version lives in `PRAGMA user_version` and migrates forward on
+open; a file that cannot be opened or is corrupt raises `StoreError` (never a silent reset).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from array import array
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from processor.pure.ratelimit import Charge, Period
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The state store is unusable (cannot open, corrupt, read-only, disk full)."""
+
+
+class SqliteDb:
+    def __init__(self, path: str, migrations: Sequence[str], *, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self._limiter = trio.CapacityLimiter(1)
+        self.writable = True
+        self.last_error: str | None = None
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._migrate(migrations)
+            self._conn.execute("PRAGMA quick_check").fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open state store {path}: {exc}") from None
+
+    def _migrate(self, migrations: Sequence[str]) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(migrations):
+            raise StoreError(
+                f"state store {self.path} has schema version {version}, newer than this release "
+                f"understands ({len(migrations)}); run a newer processor or move the file away"
+            )
+        for i in range(version, len(migrations)):
+            self._conn.execute("BEGIN IMMEDIATE")
+            for statement in filter(None, (s.strip() for s in migrations[i].split(";"))):
+                self._conn.execute(statement)
+            self._conn.execute(f"PRAGMA user_version={i + 1}")
+            self._conn.execute("COMMIT")
+
+    def tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one transaction (blocking; for start-up and tools)."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.writable = False
+            self.last_error = f"{self.path}: {exc}"
+            raise StoreError(f"state store {self.path}: {exc}") from None
+        self.writable = True
+        self.last_error = None
+        return out
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`tx(fn)` on a worker thread; not cancellable mid-transaction."""
+        return await trio.to_thread.run_sync(self.tx, fn, limiter=self._limiter)
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+# --- rate limits -----------------------------------------------------------------------
+
+RATE_LIMIT_MIGRATIONS = [
+    """
+    CREATE TABLE counters (period TEXT NOT NULL, bucket INTEGER NOT NULL, units INTEGER NOT NULL,
+                           PRIMARY KEY (period, bucket));
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
+    """,
+]
+
+
+class RateLimitStore:
+    """Counters per (period, bucket). Every admission is persisted before the claim."""
+
+    def __init__(self, path: str) -> None:
+        self.db = SqliteDb(path, RATE_LIMIT_MIGRATIONS, synchronous="FULL")
+
+    def load(self) -> tuple[list[tuple[Period, int, int]], dict[str, str]]:
+        try:
+            rows = [(Period(p), int(b), int(u)) for p, b, u in self.db.query("SELECT period, bucket, units FROM counters")]
+        except ValueError as exc:
+            raise StoreError(f"state store {self.db.path} holds an unknown period: {exc}") from None
+        meta = dict(self.db.query("SELECT key, value FROM meta"))
+        return rows, meta
+
+    def replace_all(self, rows: Iterable[tuple[Period, int, int]], meta: dict[str, str]) -> None:
+        rows = list(rows)
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM counters")
+            c.executemany("INSERT INTO counters VALUES (?, ?, ?)", [(p.value, b, u) for p, b, u in rows])
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
+
+        self.db.tx(fn)
+
+    @staticmethod
+    def _apply(charges: Sequence[Charge], prune: dict[Period, int]) -> Callable[[sqlite3.Connection], None]:
+        def fn(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (period, bucket) DO UPDATE SET units = units + excluded.units",
+                [(ch.period.value, ch.bucket, ch.units) for ch in charges],
+            )
+            c.execute("DELETE FROM counters WHERE units <= 0")
+            for period, before in prune.items():
+                c.execute("DELETE FROM counters WHERE period = ? AND bucket < ?", (period.value, before))
+
+        return fn
+
+    async def apply(self, charges: Sequence[Charge], prune: dict[Period, int] | None = None) -> None:
+        await self.db.run(self._apply(charges, prune or {}))
+
+    def apply_sync(self, charges: Sequence[Charge], prune: dict[Period, int] | None = None) -> None:
+        self.db.tx(self._apply(charges, prune or {}))
+
+
+# --- journal and outbox ------------------------------------------------------------------
+
+JOURNAL_MIGRATIONS = [
+    """
+    CREATE TABLE journal (task_id TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT NOT NULL,
+                          backend TEXT NOT NULL, created_at REAL, claimed_at REAL NOT NULL,
+                          reserved_at REAL, attempts INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE outbox (task_id TEXT PRIMARY KEY, state TEXT NOT NULL, vector BLOB,
+                         reason TEXT, computed_at REAL NOT NULL, created_at REAL)
+    """,
+]
+
+
+@attrs.frozen
+class ClaimRow:
+    task_id: str
+    text: str
+    model: str
+    backend: str
+    created_at: float | None
+    claimed_at: float
+    reserved_at: float | None
+    attempts: int = 0
+
+
+@attrs.frozen
+class OutboxRow:
+    task_id: str
+    state: str  # "succeeded" | "failed"
+    vector: list[float] | None
+    reason: str | None
+    computed_at: float
+    created_at: float | None = None
+
+
+def pack_vector(v: list[float] | None) -> bytes | None:
+    return None if v is None else array("d", v).tobytes()
+
+
+def unpack_vector(b: bytes | None) -> list[float] | None:
+    if b is None:
+        return None
+    a = array("d")
+    a.frombytes(b)
+    return a.tolist()
+
+
+class JournalStore:
+    """Claims (journal) and computed results (outbox), under STATE_DIR."""
+
+    def __init__(self, path: str) -> None:
+        self.db = SqliteDb(path, JOURNAL_MIGRATIONS)
+
+    async def add_claims(self, rows: Sequence[ClaimRow]) -> None:
+        data = [attrs.astuple(r) for r in rows]
+        await self.db.run(lambda c: c.executemany("INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?)", data))
+
+    async def remove_claims(self, task_ids: Sequence[str]) -> None:
+        ids = [(i,) for i in task_ids]
+        await self.db.run(lambda c: c.executemany("DELETE FROM journal WHERE task_id = ? AND task_id NOT IN (SELECT task_id FROM outbox)", ids))
+
+    async def put_results(self, rows: Sequence[OutboxRow]) -> None:
+        data = [(r.task_id, r.state, pack_vector(r.vector), r.reason, r.computed_at, r.created_at) for r in rows]
+        await self.db.run(lambda c: c.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?)", data))
+
+    async def finish(self, task_ids: Sequence[str]) -> None:
+        """The API took these reports: drop their outbox and journal rows together."""
+        ids = [(i,) for i in task_ids]
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.executemany("DELETE FROM outbox WHERE task_id = ?", ids)
+            c.executemany("DELETE FROM journal WHERE task_id = ?", ids)
+
+        await self.db.run(fn)
+
+    def outbox(self) -> list[OutboxRow]:
+        return [
+            OutboxRow(t, s, unpack_vector(v), r, ca, cr)
+            for t, s, v, r, ca, cr in self.db.query("SELECT task_id, state, vector, reason, computed_at, created_at FROM outbox ORDER BY computed_at")
+        ]
+
+    def orphan_claims(self) -> list[ClaimRow]:
+        """Journal rows with no outbox row: claimed, result never computed."""
+        rows = self.db.query(
+            "SELECT task_id, text, model, backend, created_at, claimed_at, reserved_at, attempts FROM journal "
+            "WHERE task_id NOT IN (SELECT task_id FROM outbox) ORDER BY claimed_at"
+        )
+        return [ClaimRow(*r) for r in rows]
+
+    def known_ids(self) -> set[str]:
+        return {r[0] for r in self.db.query("SELECT task_id FROM journal UNION SELECT task_id FROM outbox")}
+
+    def outbox_stats(self, now: float | None = None) -> tuple[int, float]:
+        n, oldest = self.db.query("SELECT COUNT(*), MIN(computed_at) FROM outbox")[0]
+        age = 0.0 if oldest is None else max(0.0, (now or time.time()) - oldest)
+        return int(n), age

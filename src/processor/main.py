@@ -1,0 +1,298 @@
+"""Command line: `python -m processor [run|check|sandbox|demo|limits]`.
+
+Exit status: 0 success; 1 a run-time failure (a check failed, start-up error); 2 bad
+configuration or usage (one message listing every problem, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+import processor
+from processor.config import ConfigError, Settings, load_settings
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="processor", description="Worker daemon for AI tasks (text embeddings).")
+    p.add_argument("--version", action="version", version=f"processor {processor.__version__}")
+    p.add_argument("--env-file", default=".env", help="dotenv file read under the real environment (default: .env)")
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the daemon (the default)", description="Run the daemon until SIGTERM/SIGINT.")
+    sub.add_parser("check", help="validate configuration and try each dependency once",
+                   description="Validate the configuration, then try the token endpoint, the task API and the "
+                               "embedding backend once each; one line per check; non-zero exit if any fails.")
+    sb = sub.add_parser("sandbox", help="run the sandbox task API on loopback",
+                        description="Serve a local stand-in for the task API and OAuth2 server.")
+    sb.add_argument("--host", default="127.0.0.1")
+    sb.add_argument("--port", type=int, default=8080)
+    sb.add_argument("--seed", type=int, default=0, help="pending tasks to create at start")
+    sb.add_argument("--malformed", action="store_true", help="also seed one malformed entry of each kind")
+    sb.add_argument("--token-lifetime", type=float, default=3600.0, help="seconds a token stays valid")
+    sb.add_argument("--text-size", type=int, default=60, help="characters of text per seeded task")
+    dm = sub.add_parser("demo", help="sandbox + daemon end to end, with a summary",
+                        description="Start the sandbox, seed tasks, run the real daemon against it until every task "
+                                    "is done, print a summary.")
+    dm.add_argument("--tasks", type=int, default=200)
+    dm.add_argument("--malformed", action="store_true", help="also seed one malformed entry of each kind")
+    sub.add_parser("limits", help="print rate-limit usage from the store", description="Print each tier's usage from the store without starting the daemon.")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    if command == "sandbox":
+        return _sandbox(args)
+    if command == "demo":
+        return _demo(args)
+    try:
+        settings, warnings = load_settings(dotenv_path=args.env_file)
+    except ConfigError as exc:
+        print(f"processor: {exc.render()}", file=sys.stderr)
+        return EXIT_CONFIG
+    if command == "check":
+        return _check(settings, warnings)
+    if command == "limits":
+        return _limits(settings)
+    return _run(settings, warnings)
+
+
+def _run(settings: Settings, warnings: list[str]) -> int:
+    from processor.daemon import Daemon, StartupError
+    from processor.effects.logs import configure_logging, get_logger
+
+    configure_logging(settings.log_level, settings.log_format.value)
+    log = get_logger("main")
+    for w in warnings:
+        log.warning("configuration_warning", message=w)
+    try:
+        if settings.state_backend.value == "redis":
+            from processor.effects.redis_state import run_with_redis
+
+            return trio.run(run_with_redis, settings)
+        return trio.run(Daemon(settings).run)
+    except StartupError as exc:
+        log.error("startup_failed", error=str(exc))
+        return EXIT_FAIL
+
+
+# --- check --------------------------------------------------------------------------
+
+
+def _check(settings: Settings, warnings: list[str]) -> int:
+    for w in warnings:
+        print(f"warning: {w}")
+    print("configuration: OK")
+    results = trio.run(_check_async, settings)
+    for name, ok, detail in results:
+        print(f"{name}: {'OK' if ok else 'FAIL'}" + (f" — {detail}" if detail else ""))
+    return EXIT_OK if all(ok for _, ok, _ in results) else EXIT_FAIL
+
+
+async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
+    import httpx
+
+    from processor.daemon import build_backends, routing_for
+    from processor.effects.api import ApiError, TaskApi
+    from processor.effects.auth import TokenError, TokenProvider
+    from processor.effects.guard import Guard
+    from processor.effects.metrics import Metrics
+    from processor.pure.breaker import BreakerConfig
+
+    out: list[tuple[str, bool, str]] = []
+    metrics = Metrics()
+    async with httpx.AsyncClient(timeout=settings.request_timeout) as http:
+        tokens = TokenProvider(http, settings, metrics=metrics, guard=Guard("token", BreakerConfig()))
+        try:
+            await tokens.get()
+            out.append(("token endpoint", True, settings.oauth2_token_url))
+        except TokenError as exc:
+            out.append(("token endpoint", False, str(exc)))
+        if tokens.has_token:
+            api = TaskApi(http, settings.api_base_url, tokens, metrics=metrics, guard=Guard("api", BreakerConfig()), concurrency=1)
+            try:
+                async with api.pending() as entries:
+                    first = None
+                    async for first in entries:
+                        break
+                out.append(("task API (GET /api/ai-tasks/pending)", True, "reachable" + (", tasks pending" if first is not None else ", nothing pending")))
+            except ApiError as exc:
+                hint = " — check API_BASE_URL" if exc.status == 404 or exc.status is None else ""
+                out.append(("task API (GET /api/ai-tasks/pending)", False, f"{exc}{hint}"))
+        else:
+            out.append(("task API (GET /api/ai-tasks/pending)", False, "skipped: no token"))
+    backends = build_backends(settings, metrics)
+    routing = routing_for(settings)
+    for b, adapter in backends.items():
+        name = f"{b.value} backend"
+        try:
+            if b.value == "ollama":
+                await adapter.start()
+                detail = f"models ready: {', '.join(settings.supported_models)}"
+            else:
+                model = settings.default_model if routing.backend_for(settings.default_model) is b else "text-embedding-3-small"
+                await adapter.probe(model)
+                detail = f"embedded a probe with {model}"
+            out.append((name, True, detail))
+        except Exception as exc:
+            out.append((name, False, str(exc)))
+        finally:
+            await adapter.aclose()
+    return out
+
+
+# --- limits -----------------------------------------------------------------------------
+
+
+def _limits(settings: Settings) -> int:
+    from datetime import UTC, datetime
+
+    from processor.effects.limiter import build_limiter
+    from processor.effects.store import StoreError
+
+    if not settings.rate_limit_enabled:
+        print("rate limiting is off (RATE_LIMIT_ENABLED=false)")
+        return EXIT_OK
+    if not settings.rate_limits.enabled():
+        print("no rate-limit tier is set (RATE_LIMIT_PER_* are all 0)")
+        return EXIT_OK
+    if settings.state_backend.value == "redis":
+        from processor.effects.redis_state import print_redis_limits
+
+        return trio.run(print_redis_limits, settings)
+    try:
+        limiter = build_limiter(settings, settings.rate_limits, settings.rate_limit_storage_path, metrics=None, name="global")
+    except StoreError as exc:
+        print(f"processor: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"store: {settings.rate_limit_storage_path}  strategy: {settings.rate_limit_strategy.value}  zone: {settings.rate_limit_timezone}")
+    print(f"{'period':<8} {'used':>10} {'limit':>10} {'remaining':>10}  resets at")
+    for u in limiter.usage():
+        resets = datetime.fromtimestamp(u.resets_at, UTC).isoformat(timespec="seconds") if u.resets_at else "-"
+        print(f"{u.period.value:<8} {u.used:>10} {u.limit:>10} {u.remaining:>10}  {resets}")
+    return EXIT_OK
+
+
+# --- sandbox -----------------------------------------------------------------------------
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from processor.sandbox import SandboxApp, SandboxState, serve_asgi
+
+    state = SandboxState(token_lifetime=args.token_lifetime)
+    if args.seed:
+        state.seed(args.seed, text_size=args.text_size)
+    if args.malformed:
+        state.seed_malformed()
+
+    async def serve() -> None:
+        stop = trio.Event()
+        async with trio.open_nursery() as n:
+            url = await n.start(lambda task_status: serve_asgi(SandboxApp(state), args.host, args.port, shutdown=stop, task_status=task_status))
+            print(f"sandbox task API listening on {url}", flush=True)
+            print("use these settings:", flush=True)
+            print(f"  API_BASE_URL={url}\n  OAUTH2_TOKEN_URL={url}/oauth2/token", flush=True)
+            print(f"  OAUTH2_CLIENT_ID={state.client_id}\n  OAUTH2_CLIENT_SECRET={state.client_secret}", flush=True)
+            with trio.open_signal_receiver(2, 15) as signals:
+                async for _ in signals:
+                    stop.set()
+                    break
+
+    trio.run(serve)
+    return EXIT_OK
+
+
+# --- demo ---------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from processor.effects.logs import configure_logging
+
+    configure_logging(os.environ.get("LOG_LEVEL", "WARNING"), os.environ.get("LOG_FORMAT", "console"), stream=sys.stderr)
+    return trio.run(_demo_async, args.tasks, args.malformed)
+
+
+async def _demo_async(n_tasks: int, malformed: bool) -> int:
+    from processor.daemon import Daemon
+    from processor.sandbox import SandboxApp, SandboxState, serve_asgi
+
+    state = SandboxState()
+    state.seed(n_tasks, text_size=200)
+    bad = state.seed_malformed() if malformed else {}
+    stop = trio.Event()
+    with tempfile.TemporaryDirectory(prefix="processor-demo-") as tmp:
+        async with trio.open_nursery() as n:
+            url = await n.start(lambda task_status: serve_asgi(SandboxApp(state), "127.0.0.1", 0, shutdown=stop, task_status=task_status))
+            env = {
+                "PROCESSING_MODE": "mock",
+                "POLLING_INTERVAL_SECONDS": "1",
+                "METRICS_PORT": "0",
+                "METRICS_HOST": "127.0.0.1",
+                "RATE_LIMIT_ENABLED": "false",
+                **{k: v for k, v in os.environ.items() if k in _DEMO_PASSTHROUGH},
+                "API_BASE_URL": url,
+                "OAUTH2_TOKEN_URL": f"{url}/oauth2/token",
+                "OAUTH2_CLIENT_ID": state.client_id,
+                "OAUTH2_CLIENT_SECRET": state.client_secret,
+                "STATE_DIR": tmp,
+            }
+            try:
+                settings, _ = load_settings(env, dotenv_path=None)
+            except ConfigError as exc:
+                print(exc.render(), file=sys.stderr)
+                stop.set()
+                return EXIT_CONFIG
+            print(f"sandbox at {url} with {n_tasks} pending tasks" + (f" and {len(bad) + 1} malformed entries" if bad else ""))
+            print(f"running the daemon: mode={settings.processing_mode.value}, batch={settings.max_batch_size}, concurrency={settings.concurrency_limit}")
+            daemon = Daemon(settings, handle_signals=False)
+            t0 = time.perf_counter()
+            target = n_tasks + len(bad) - 1 if bad else n_tasks  # the unknown-type task stays pending
+            async with trio.open_nursery() as dn:
+                dn.start_soon(daemon.run)
+                while True:
+                    await trio.sleep(0.25)
+                    counts = state.by_state()
+                    done = counts.get("succeeded", 0) + counts.get("failed", 0)
+                    print(f"\r  pending {counts.get('pending', 0):>6}  in_progress {counts.get('in_progress', 0):>6}  "
+                          f"succeeded {counts.get('succeeded', 0):>6}  failed {counts.get('failed', 0):>6}", end="", flush=True)
+                    if done >= target and counts.get("in_progress", 0) == 0:
+                        break
+                    if time.perf_counter() - t0 > 120:
+                        print("\ndemo: timed out after 120 s", file=sys.stderr)
+                        break
+                elapsed = time.perf_counter() - t0
+                daemon.stop()
+            stop.set()
+    print()
+    counts = state.by_state()
+    sample = next((t for t in state.tasks.values() if isinstance(t, dict) and t.get("state") == "succeeded"), None)
+    vec: list[Any] = sample.get("result", []) if sample else []
+    print("summary")
+    for k in ("succeeded", "failed", "pending", "in_progress"):
+        print(f"  {k:<12} {counts.get(k, 0)}")
+    print(f"  throughput   {n_tasks / elapsed:.1f} tasks/s ({elapsed:.2f} s)")
+    if vec:
+        print(f"  sample vector: {len(vec)} dimensions, L2 norm {math.sqrt(sum(x * x for x in vec)):.6f}")
+    ok = counts.get("succeeded", 0) == n_tasks and counts.get("in_progress", 0) == 0
+    return EXIT_OK if ok else EXIT_FAIL
+
+
+_DEMO_PASSTHROUGH = {
+    "PROCESSING_MODE", "OPENAI_API_KEY", "OPENAI_BASE_URL", "OLLAMA_BASE_URL", "SUPPORTED_MODELS", "DEFAULT_MODEL",
+    "EMBEDDING_DIMENSIONS", "MAX_BATCH_SIZE", "CONCURRENCY_LIMIT", "API_CONCURRENCY", "LOG_LEVEL",
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

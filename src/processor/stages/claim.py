@@ -1,0 +1,151 @@
+"""Claim: (lease) -> rate-limit reservation -> journal row -> PATCH in_progress.
+
+The order is fixed so that a crash always leaves a trail the next start can clean up. A
+claim PATCH that fails, or whose outcome is unknown, refunds the reservation and leaves the
+task for a later poll (an unknown outcome is also released with a best-effort PATCH pending).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from processor.effects.api import ApiError
+from processor.effects.store import ClaimRow, StoreError
+from processor.pure.tasks import Backend, Task
+from processor.runtime import Runtime
+
+
+async def claimer(rt: Runtime, intake: trio.MemoryReceiveChannel[Task], claimed: trio.MemorySendChannel[Task]) -> None:
+    log = rt.log.bind(component="claim")
+    async with intake, claimed, trio.open_nursery() as patches:
+        while True:
+            try:
+                first = await intake.receive()
+            except trio.EndOfChannel:
+                break
+            group = [first]
+            while len(group) < rt.s.max_batch_size:
+                try:
+                    group.append(intake.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            rt.metrics.channel_depth.labels("intake").set(intake.statistics().current_buffer_used)
+            if rt.stopping.is_set():
+                for t in group:
+                    rt.unhold(t.id, finished=False)
+                continue
+            group = await _leave_down_backends(rt, group)
+            if not group:
+                continue
+            admitted = await admit(rt, group, log)
+            if not admitted:
+                continue
+            try:
+                await rt.journal.add_claims([
+                    ClaimRow(t.id, t.text, t.model, t.backend.value, t.created_at, rt.wall(), rt.held[t.id].reserved_at)
+                    for t in admitted
+                ])
+            except StoreError as exc:
+                log.error("journal_write_failed", error=str(exc))
+                await rt.refund([rt.held[t.id] for t in admitted])
+                for t in admitted:
+                    rt.unhold(t.id, finished=False)
+                await trio.sleep(1.0)
+                continue
+            for t in admitted:
+                patches.start_soon(claim_one, rt, t, claimed.clone())
+    log.debug("claimer_done")
+
+
+async def _leave_down_backends(rt: Runtime, group: list[Task]) -> list[Task]:
+    """Tasks for a backend whose breaker is open stay pending (not claimed)."""
+    keep = []
+    for t in group:
+        guard = rt.backend_guards.get(t.backend)
+        if guard is not None and guard.blocked_until() is not None:
+            rt.unhold(t.id, finished=False)
+        else:
+            keep.append(t)
+    return keep
+
+
+async def admit(rt: Runtime, group: list[Task], log) -> list[Task]:
+    """Leases, then the rate limits (global, then OpenAI's own caps). Returns what may go."""
+    leased = set(await rt.leases.acquire([t.id for t in group]))
+    for t in group:
+        if t.id not in leased:
+            rt.unhold(t.id, finished=False)
+    group = [t for t in group if t.id in leased]
+    if not group:
+        return []
+    try:
+        decision = await rt.limiter.admit(len(group))
+    except Exception as exc:  # the store cannot count: nothing goes through uncounted
+        log.error("rate_limit_store_failed", error=str(exc))
+        await rt.leases.release([t.id for t in group])
+        for t in group:
+            rt.unhold(t.id, finished=False)
+        rt.admission_paused_until = trio.current_time() + 5.0
+        return []
+    now = rt.limiter.now()
+    admitted, refused = group[: decision.admitted], group[decision.admitted :]
+    for t in admitted:
+        rt.held[t.id].reserved_at = now
+    openai = [t for t in admitted if t.backend is Backend.OPENAI]
+    if openai:
+        od = await rt.openai_limiter.admit(len(openai))
+        onow = rt.openai_limiter.now()
+        over = openai[od.admitted :]
+        for t in openai[: od.admitted]:
+            rt.held[t.id].openai_reserved_at = onow
+        if over:
+            await rt.refund([rt.held[t.id] for t in over])
+            over_ids = {t.id for t in over}
+            refused += over
+            admitted = [t for t in admitted if t.id not in over_ids]
+            if od.retry_at is not None:
+                _pause(rt, od.retry_at - onow)
+    if refused:
+        await rt.leases.release([t.id for t in refused])
+        for t in refused:
+            rt.unhold(t.id, finished=False)
+        if decision.retry_at is not None:
+            _pause(rt, decision.retry_at - now)
+            log.info("rate_limited", admitted=len(admitted), refused=len(refused), resume_in=round(decision.retry_at - now, 3))
+    return admitted
+
+
+def _pause(rt: Runtime, seconds: float) -> None:
+    rt.admission_paused_until = max(rt.admission_paused_until, trio.current_time() + max(0.0, seconds))
+
+
+async def claim_one(rt: Runtime, task: Task, claimed: trio.MemorySendChannel[Task]) -> None:
+    async with claimed:
+        try:
+            await rt.api.patch(task.id, "in_progress")
+        except ApiError as exc:
+            held = rt.held.get(task.id)
+            if held is not None:
+                await rt.refund([held])
+            if exc.sent and exc.status is None or (exc.status is not None and exc.status >= 500):
+                # outcome unknown: the API may have applied it; hand the task back
+                try:
+                    await rt.api.patch(task.id, "pending")
+                except ApiError:
+                    pass  # stays in the journal; start-up recovery releases it
+                else:
+                    await rt.journal.remove_claims([task.id])
+            else:
+                await rt.journal.remove_claims([task.id])
+            await rt.leases.release([task.id])
+            rt.unhold(task.id, finished=exc.status == 404)
+            rt.log.warning("claim_failed", task_id=task.id, status=exc.status, error=str(exc))
+            return
+        held = rt.held.get(task.id)
+        if held is None:
+            return
+        held.claimed = True
+        held.claimed_at = trio.current_time()
+        if task.created_at is not None:
+            rt.metrics.pickup_age.observe(max(0.0, rt.wall() - task.created_at))
+        await claimed.send(task)
