@@ -120,13 +120,14 @@ def calendar_period(period: Period, now: float, tz: tzinfo) -> tuple[float, floa
     UTC); day, ISO week (Monday 00:00) and month start at local midnight, so a DST day has
     23 or 25 hours.
     """
-    local = datetime.fromtimestamp(now, tz)
+    whole = math.floor(now)  # integer arithmetic: no float drift at period edges
+    local = datetime.fromtimestamp(whole, tz)
     if period is Period.MINUTE:
-        start = now - (local.second + local.microsecond / 1e6)
-        return start, start + 60
+        start = whole - local.second
+        return float(start), float(start + 60)
     if period is Period.HOUR:
-        start = now - (local.minute * 60 + local.second + local.microsecond / 1e6)
-        return start, start + 3_600
+        start = whole - (local.minute * 60 + local.second)
+        return float(start), float(start + 3_600)
     if period is Period.DAY:
         day = local.date()
         nxt = day + timedelta(days=1)

@@ -46,7 +46,10 @@ class GiveUp:
 
 def backoff(policy: RetryPolicy, attempt: int, draw: float) -> float:
     """Full jitter: uniform(0, min(cap, base * factor**attempt)); `draw` in [0, 1)."""
-    ceiling = policy.cap if attempt > 64 else min(policy.cap, policy.base * policy.factor**attempt)
+    try:
+        ceiling = min(policy.cap, policy.base * policy.factor**attempt)
+    except OverflowError:
+        ceiling = policy.cap
     return max(0.0, min(1.0, draw)) * ceiling
 
 
