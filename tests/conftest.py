@@ -1,0 +1,109 @@
+"""Shared fixtures: a real sandbox API on loopback, settings, and a daemon runner."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from processor.config import Settings, load_settings
+from processor.daemon import Daemon
+from processor.effects.backends.base import EmbedResult
+from processor.effects.backends.mock import MockBackend
+from processor.effects.logs import configure_logging
+from processor.sandbox import SandboxApp, SandboxState, serve_asgi
+
+configure_logging("WARNING", "json")
+
+
+@attrs.define
+class Sandbox:
+    state: SandboxState
+    url: str
+
+
+@pytest.fixture
+async def sandbox(nursery) -> AsyncIterator[Sandbox]:
+    state = SandboxState()
+    stop = trio.Event()
+    url = await nursery.start(lambda task_status: serve_asgi(SandboxApp(state), "127.0.0.1", 0, shutdown=stop, task_status=task_status))
+    yield Sandbox(state, url)
+    stop.set()
+
+
+def sandbox_env(sb: Sandbox, tmp_path, **extra: Any) -> dict[str, str]:
+    env = {
+        "API_BASE_URL": sb.url,
+        "OAUTH2_TOKEN_URL": f"{sb.url}/oauth2/token",
+        "OAUTH2_CLIENT_ID": sb.state.client_id,
+        "OAUTH2_CLIENT_SECRET": sb.state.client_secret,
+        "PROCESSING_MODE": "mock",
+        "POLLING_INTERVAL_SECONDS": "0.2",
+        "STATE_DIR": str(tmp_path / "state"),
+        "METRICS_HOST": "127.0.0.1",
+        "METRICS_PORT": "0",
+        "RATE_LIMIT_ENABLED": "false",
+        "SHUTDOWN_GRACE_SECONDS": "5",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def make_settings(sb: Sandbox, tmp_path, **extra: Any) -> Settings:
+    settings, _ = load_settings(sandbox_env(sb, tmp_path, **extra), dotenv_path=None)
+    return settings
+
+
+class CountingBackend(MockBackend):
+    """A stand-in for a real embedding server: mock vectors, optional latency, and a count
+    of how many times each text was embedded."""
+
+    def __init__(self, dim: int = 1024, *, delay: float = 0.0, per_input: float = 0.0) -> None:
+        super().__init__(dim)
+        self.delay = delay
+        self.per_input = per_input
+        self.per_text: Counter[str] = Counter()
+        self.batch_sizes: list[int] = []
+
+    async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
+        if self.delay or self.per_input:
+            await trio.sleep(self.delay + self.per_input * len(texts))
+        self.per_text.update(texts)
+        self.batch_sizes.append(len(texts))
+        return await super().embed(model, texts)
+
+
+@asynccontextmanager
+async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
+    async with trio.open_nursery() as n:
+        n.start_soon(daemon.run)
+        with trio.fail_after(20):
+            await daemon.started.wait()
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 30.0, poll: float = 0.02) -> None:
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(poll)
+
+
+def all_done(state: SandboxState, n: int) -> Callable[[], bool]:
+    def pred() -> bool:
+        c = state.by_state()
+        return c.get("succeeded", 0) + c.get("failed", 0) >= n and c.get("in_progress", 0) == 0
+
+    return pred
+
+
+def is_unit_vector(v: Any, dim: int) -> bool:
+    return isinstance(v, list) and len(v) == dim and abs(math.sqrt(sum(x * x for x in v)) - 1.0) < 1e-6
