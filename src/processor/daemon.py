@@ -216,7 +216,9 @@ class Daemon:
 
     async def _run_pipeline(self) -> None:
         s = self.s
-        limits = httpx.Limits(max_connections=s.api_concurrency + 4, max_keepalive_connections=s.api_concurrency + 4)
+        # One connection per concurrent API request, plus one for a pending-list stream
+        # (httpcore checks every pooled connection on each request: spares cost CPU).
+        limits = httpx.Limits(max_connections=s.api_concurrency + 1, max_keepalive_connections=s.api_concurrency + 1)
         async with httpx.AsyncClient(timeout=httpx.Timeout(s.request_timeout), limits=limits) as http:
             api_guard = Guard("task_api", BreakerConfig(threshold=s.circuit_breaker_threshold, base_wait=2.0, max_wait=60.0), metrics=self.metrics, rng=self._rng)
             token_guard = Guard("token_endpoint", BreakerConfig(threshold=s.circuit_breaker_threshold, base_wait=2.0, max_wait=120.0), metrics=self.metrics, rng=self._rng)

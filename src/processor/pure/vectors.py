@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,16 @@ def check_vector(value: Any, expected_dim: int | None) -> VectorOk | VectorBad:
         return VectorBad("backend returned an empty vector")
     if expected_dim is not None and len(value) != expected_dim:
         return VectorBad(f"vector has {len(value)} dimensions, expected {expected_dim}")
-    for x in value:
+    # Fast path (this runs for every task): array() converts in C and rejects non-numbers;
+    # a finite sum proves every element finite (inf and nan propagate through a sum).
+    if bool not in set(map(type, value)):
+        try:
+            packed = array("d", value)
+        except TypeError:
+            packed = None
+        if packed is not None and math.isfinite(sum(packed)):
+            return VectorOk(packed.tolist())
+    for x in value:  # slow path: find the culprit (or a finite vector whose sum overflowed)
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
             return VectorBad(f"vector holds a non-finite or non-numeric value ({str(x)[:20]})")
     return VectorOk([float(x) for x in value])

@@ -81,6 +81,8 @@ class SandboxState:
     callback_results: dict[str, set[str]] = attrs.field(factory=dict)
     faults: dict[str, Fault] = attrs.field(factory=dict)
     token_requests: int = 0
+    first_token_at: float | None = None
+    last_patch_at: float | None = None
     rng: random.Random = attrs.field(factory=lambda: random.Random(1234))
     keep_patch_bodies: bool = False
     _counter: itertools.count = attrs.field(factory=lambda: itertools.count(random.randrange(1 << 24)))
@@ -145,6 +147,8 @@ class SandboxState:
             "states": dict(self.by_state()),
             "requests": {f"{r} {s}": n for (r, s), n in sorted(self.requests.items())},
             "token_requests": self.token_requests,
+            "first_token_at": self.first_token_at,
+            "last_patch_at": self.last_patch_at,
             "patches": len(self.patches),
             "max_patches_per_task": max(self.patch_counts.values(), default=0),
             "callbacks": sum(self.callbacks.values()),
@@ -266,6 +270,8 @@ class SandboxApp:
     def _token(self, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         st = self.state
         st.token_requests += 1
+        if st.first_token_at is None:
+            st.first_token_at = time.time()
         if "application/x-www-form-urlencoded" not in headers.get("content-type", ""):
             return 400, {"error": "invalid_request", "error_description": "expected a form body"}
         form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
@@ -318,6 +324,7 @@ class SandboxApp:
         else:
             st.pending.pop(task_id, None)
         st.patch_counts[task_id] += 1
+        st.last_patch_at = time.time()
         st.patches.append(PatchRecord(task_id, state, now, data if st.keep_patch_bodies else {k: v for k, v in data.items() if k != "result"}))
         if state == "succeeded" and has_result:
             st.callbacks[task_id] += 1
