@@ -42,7 +42,7 @@ def bucket_count(strategy, tz, period, reservations, now):
     if strategy is rl.Strategy.FIXED:
         return exact_count(strategy, tz, period, reservations, now)
     g, w = rl.GRANULARITY[period], rl.ROLLING_WINDOW[period]
-    return sum(n for t, n in reservations if t <= now and now < math.floor(t / g) * g + g + w)
+    return sum(n for t, n in reservations if t <= now and now < math.floor(t / g) * g + g + w + rl.SLACK)
 
 
 class LimiterMachine(RuleBasedStateMachine):
@@ -81,7 +81,10 @@ class LimiterMachine(RuleBasedStateMachine):
         self.state, d = rl.admit(self.state, self.now, n)
         assert d.admitted == max(0, min(n, expected_room)), (d, expected_room)
         if d.admitted < n and self.limits:
+            # retry_at is exactly when one more unit fits (given no other admissions)
             assert d.retry_at is not None and d.retry_at > self.now
+            assert rl.admit(self.state, d.retry_at, 1)[1].admitted == 1
+            assert rl.admit(self.state, d.retry_at - 0.001, 1)[1].admitted == 0
         if d.admitted:
             self.reservations.append([self.now, d.admitted])
         self._persist(d.charges)
@@ -172,10 +175,10 @@ def test_fixed_minute_resets_at_the_boundary_and_rolling_does_not():
     assert d.admitted == 3
     rolling = rl.new_state({rl.Period.MINUTE: 3}, strategy=rl.Strategy.ROLLING, tz=utc)
     rolling, d = rl.admit(rolling, t, 5)
-    assert d.admitted == 3 and d.retry_at == t + 61  # bucket of 1 s: at most 1 s stricter
-    rolling, d = rl.admit(rolling, t + 60.5, 1)
+    assert d.admitted == 3 and d.retry_at == t + 62  # bucket of 1 s + 1 s slack: at most 2 s stricter
+    rolling, d = rl.admit(rolling, t + 61.5, 1)
     assert d.admitted == 0
-    rolling, d = rl.admit(rolling, t + 61, 1)
+    rolling, d = rl.admit(rolling, t + 62, 1)
     assert d.admitted == 1
 
 

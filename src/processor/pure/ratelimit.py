@@ -9,8 +9,8 @@ Counters live in buckets so that state is bounded whatever the traffic:
 
 * rolling: a bucket of `granularity` seconds per tier (1 s for the minute tier, 60 s for
   the hour, 5 min for the day, 1 h for week and month). A unit reserved at `t` falls in
-  bucket `b = floor(t / g) * g` and is counted while `now < b + g + window`: never less
-  than the exact rule (`now < t + window`), at most one bucket longer. The limiter can
+  bucket `b = floor(t / g) * g` and is counted while `now < b + g + window + SLACK`: never
+  less than the exact rule (`now < t + window`), at most one bucket and one second longer. The limiter can
   therefore only be stricter than exact, never looser.
 * fixed: one bucket per tier, keyed by the start of the calendar period that holds `now`
   in the configured time zone (the zone object is an argument; no clock, no I/O here).
@@ -48,6 +48,9 @@ ROLLING_WINDOW: dict[Period, int] = {
     Period.WEEK: 7 * 86_400,
     Period.MONTH: 30 * 86_400,
 }
+# Rolling units are held this much longer than their bucket needs, so that a claim that
+# reaches the API a moment after its reservation still fits the window as the API sees it.
+SLACK = 1
 GRANULARITY: dict[Period, int] = {
     Period.MINUTE: 1,
     Period.HOUR: 60,
@@ -160,7 +163,7 @@ def _counted(state: LimiterState, tier: Tier, now: float) -> dict[int, int]:
         n = tier.buckets.get(key, 0)
         return {key: n} if n else {}
     g, w = GRANULARITY[tier.period], ROLLING_WINDOW[tier.period]
-    return {b: n for b, n in tier.buckets.items() if now < b + g + w and n > 0}
+    return {b: n for b, n in tier.buckets.items() if now < b + g + w + SLACK and n > 0}
 
 
 def _used(state: LimiterState, tier: Tier, now: float) -> int:
@@ -170,15 +173,19 @@ def _used(state: LimiterState, tier: Tier, now: float) -> int:
 def _free_at(state: LimiterState, tier: Tier, now: float, need: int) -> float:
     """Earliest time at which `need` more units fit in `tier` (ignoring new charges)."""
     if state.strategy is Strategy.FIXED:
+        if _used(state, tier, now) + need <= tier.limit:
+            return now
         return calendar_period(tier.period, now, state.tz)[1]
     g, w = GRANULARITY[tier.period], ROLLING_WINDOW[tier.period]
     counted = sorted(_counted(state, tier, now).items())
     excess = sum(n for _, n in counted) + need - tier.limit
+    if excess <= 0:
+        return now  # fits already
     for b, n in counted:
         excess -= n
         if excess <= 0:
-            return float(b + g + w)
-    return now  # fits already
+            return float(b + g + w + SLACK)
+    return now  # unreachable: every counted unit expires eventually
 
 
 def usage(state: LimiterState, now: float) -> list[TierUsage]:
@@ -189,7 +196,7 @@ def usage(state: LimiterState, now: float) -> list[TierUsage]:
         if state.strategy is Strategy.FIXED:
             resets = calendar_period(tier.period, now, state.tz)[1]
         elif counted:
-            resets = float(min(counted) + GRANULARITY[tier.period] + ROLLING_WINDOW[tier.period])
+            resets = float(min(counted) + GRANULARITY[tier.period] + ROLLING_WINDOW[tier.period] + SLACK)
         else:
             resets = None
         out.append(TierUsage(tier.period, used, tier.limit, max(0, tier.limit - used), resets))
@@ -202,7 +209,7 @@ def _prune(state: LimiterState, tier: Tier, now: float) -> dict[int, int]:
         start = bucket_of(state.strategy, state.tz, tier.period, now)
         return {b: n for b, n in tier.buckets.items() if b >= start}
     g, w = GRANULARITY[tier.period], ROLLING_WINDOW[tier.period]
-    return {b: n for b, n in tier.buckets.items() if now < b + g + w}
+    return {b: n for b, n in tier.buckets.items() if now < b + g + w + SLACK}
 
 
 def admit(state: LimiterState, now: float, n: int) -> tuple[LimiterState, Decision]:
@@ -269,7 +276,7 @@ def prune_before(state: LimiterState, period: Period, now: float) -> int:
     """Bucket keys below this value can be deleted from storage."""
     if state.strategy is Strategy.FIXED:
         return bucket_of(state.strategy, state.tz, period, now)
-    return math.floor(now - ROLLING_WINDOW[period] - GRANULARITY[period])
+    return math.floor(now - ROLLING_WINDOW[period] - GRANULARITY[period] - SLACK)
 
 
 def convert_rows(
