@@ -82,6 +82,7 @@ class Settings:
     embedding_dimensions: int = 1024
     fallback_models: dict[str, str] = attrs.field(factory=dict)
     mock_from_placeholder_key: bool = False
+    mock_latency_ms: int = 0
 
     oauth2_token_url: str = ""
     oauth2_client_id: str = ""
@@ -303,6 +304,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SUPPORTED_MODELS": ("supported_models", _models),
     "DEFAULT_MODEL": ("default_model", _nonempty),
     "EMBEDDING_DIMENSIONS": ("embedding_dimensions", _int(1)),
+    "MOCK_LATENCY_MS": ("mock_latency_ms", _int(0)),
     "FALLBACK_MODELS": ("fallback_models", _fallbacks),
     "OAUTH2_TOKEN_URL": ("oauth2_token_url", _url),
     "OAUTH2_CLIENT_ID": ("oauth2_client_id", _nonempty),

@@ -61,7 +61,7 @@ def build_backends(settings: Settings, metrics: Metrics) -> dict[Backend, Embedd
     mode = settings.processing_mode
     out: dict[Backend, EmbeddingBackend] = {}
     if mode is Mode.MOCK:
-        out[Backend.MOCK] = MockBackend(settings.embedding_dimensions)
+        out[Backend.MOCK] = MockBackend(settings.embedding_dimensions, latency=settings.mock_latency_ms / 1000)
     if mode in (Mode.OLLAMA, Mode.HYBRID):
         from processor.effects.backends.ollama import OllamaBackend
 

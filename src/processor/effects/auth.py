@@ -45,6 +45,9 @@ class TokenProvider:
         self.last_error: str | None = None
         self.obtained_wall: float | None = None
         self.fetches = 0
+        self._permanent_failures = 0
+        self._not_before = 0.0  # after a rejected request: no new attempt before this
+        self._last_exc: TokenError | None = None
         self._log = get_logger("auth")
         REDACTOR.add(settings.oauth2_client_secret)
 
@@ -60,7 +63,16 @@ class TokenProvider:
         async with self._lock:
             if self._token is not None and trio.current_time() < self._refresh_at:
                 return self._token
-            return await self._fetch()
+            if self._last_exc is not None and trio.current_time() < self._not_before:
+                raise self._last_exc  # credentials were rejected: back off, no hot loop
+            try:
+                return await self._fetch()
+            except TokenError as exc:
+                if exc.permanent:
+                    self._permanent_failures += 1
+                    self._not_before = trio.current_time() + min(60.0, 2.0 ** (self._permanent_failures - 1))
+                    self._last_exc = exc
+                raise
 
     def invalidate(self, token: str) -> None:
         """The API said 401 for `token`: drop it, unless a newer one already replaced it."""
@@ -118,6 +130,8 @@ class TokenProvider:
         self._refresh_at = pacing.token_refresh_at(trio.current_time(), expires_in)
         self.obtained_wall = time.time()
         self.last_error = None
+        self._last_exc = None
+        self._permanent_failures = 0
         self._metrics.token_fetches.labels("success").inc()
         self._log.info("token_obtained", expires_in=expires_in)
         return token

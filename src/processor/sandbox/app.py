@@ -18,7 +18,7 @@ import os
 import random
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +55,7 @@ class Fault:
     latency: float = 0.0
     apply: bool = False  # carry the request out, then answer `status` anyway
     drop: bool = False  # close the connection without an answer
+    only_state: str | None = None  # PATCH only: fault only bodies with this `state`
 
 
 @attrs.define
@@ -75,6 +76,7 @@ class SandboxState:
     pending: dict[str, None] = attrs.field(factory=dict)  # insertion order = oldest first
     tokens: dict[str, float] = attrs.field(factory=dict)
     requests: Counter[tuple[str, int]] = attrs.field(factory=Counter)
+    request_log: deque[tuple[float, str, int]] = attrs.field(factory=lambda: deque(maxlen=200_000))
     patches: list[PatchRecord] = attrs.field(factory=list)
     patch_counts: Counter[str] = attrs.field(factory=Counter)
     callbacks: Counter[str] = attrs.field(factory=Counter)  # succeeded+result dispatches
@@ -189,21 +191,21 @@ class SandboxApp:
             return
         method, path = scope["method"], scope["path"]
         route = _route_name(method, path)
-        fault = self._take_fault(route)
+        body = await _read_body(receive)
+        fault = self._take_fault(route, body)
         if fault is not None and fault.latency:
             await trio.sleep(fault.latency)
         if fault is not None and fault.drop:
-            self.state.requests[(route, 0)] += 1
+            self._count(route, 0)
             raise ConnectionAbortedError("sandbox fault: connection dropped")
         if fault is not None and not fault.apply and fault.status:
             await self._send_json(send, route, fault.status, {"statusCode": fault.status, "message": "injected fault"})
             return
-        body = await _read_body(receive)
         status, payload, stream = await self._dispatch(scope, method, path, body)
         if fault is not None and fault.apply and fault.status:
             status, payload, stream = fault.status, {"statusCode": fault.status, "message": "injected fault"}, None
         if stream is not None:
-            self.state.requests[(route, status)] += 1
+            self._count(route, status)
             await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
             for chunk in stream:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -212,10 +214,21 @@ class SandboxApp:
             return
         await self._send_json(send, route, status, payload)
 
-    def _take_fault(self, route: str) -> Fault | None:
+    def _count(self, route: str, status: int) -> None:
+        self.state.requests[(route, status)] += 1
+        self.state.request_log.append((self.state.clock(), route, status))
+
+    def _take_fault(self, route: str, body: bytes) -> Fault | None:
         fault = self.state.faults.get(route) or self.state.faults.get("*")
-        if fault is None:
+        if fault is None or route == "admin":
             return None
+        if fault.only_state is not None:
+            try:
+                wanted = orjson.loads(body).get("state") == fault.only_state
+            except (orjson.JSONDecodeError, AttributeError):
+                wanted = False
+            if not wanted:
+                return None
         if fault.count is not None:
             if fault.count <= 0:
                 return None
@@ -226,7 +239,7 @@ class SandboxApp:
         return fault
 
     async def _send_json(self, send: Send, route: str, status: int, payload: Any) -> None:
-        self.state.requests[(route, status)] += 1
+        self._count(route, status)
         data = orjson.dumps(payload)
         await send({
             "type": "http.response.start", "status": status,

@@ -11,6 +11,8 @@ import trio
 
 from processor.effects.api import ApiError
 from processor.effects.store import ClaimRow, StoreError
+from processor.pure import retry as rtp
+from processor.pure.retry import ErrorKind
 from processor.pure.tasks import Backend, Task
 from processor.runtime import Runtime
 
@@ -121,26 +123,20 @@ def _pause(rt: Runtime, seconds: float) -> None:
 
 async def claim_one(rt: Runtime, task: Task, claimed: trio.MemorySendChannel[Task]) -> None:
     async with claimed:
-        try:
-            await rt.api.patch(task.id, "in_progress")
-        except ApiError as exc:
-            held = rt.held.get(task.id)
-            if held is not None:
-                await rt.refund([held])
-            if exc.sent and exc.status is None or (exc.status is not None and exc.status >= 500):
-                # outcome unknown: the API may have applied it; hand the task back
-                try:
-                    await rt.api.patch(task.id, "pending")
-                except ApiError:
-                    pass  # stays in the journal; start-up recovery releases it
-                else:
-                    await rt.journal.remove_claims([task.id])
-            else:
-                await rt.journal.remove_claims([task.id])
-            await rt.leases.release([task.id])
-            rt.unhold(task.id, finished=exc.status == 404)
-            rt.log.warning("claim_failed", task_id=task.id, status=exc.status, error=str(exc))
-            return
+        attempt = 0
+        while True:
+            try:
+                await rt.api.patch(task.id, "in_progress")
+                break
+            except ApiError as exc:
+                # PATCH in_progress is idempotent: a transient failure is retried a few times
+                if exc.kind is ErrorKind.RETRYABLE and exc.sent and attempt < rt.s.max_retries and not rt.stopping.is_set():
+                    rt.metrics.retries.labels("api", "claim").inc()
+                    await trio.sleep(rtp.backoff(rt.report_policy, attempt, rt.rng.random()))
+                    attempt += 1
+                    continue
+                await _claim_failed(rt, task, exc)
+                return
         held = rt.held.get(task.id)
         if held is None:
             return
@@ -149,3 +145,24 @@ async def claim_one(rt: Runtime, task: Task, claimed: trio.MemorySendChannel[Tas
         if task.created_at is not None:
             rt.metrics.pickup_age.observe(max(0.0, rt.wall() - task.created_at))
         await claimed.send(task)
+
+
+async def _claim_failed(rt: Runtime, task: Task, exc: ApiError) -> None:
+    """Refund, and leave the task for a later poll. If the API may have applied the claim
+    (no answer, or a 5xx), hand it back with a best-effort PATCH pending."""
+    held = rt.held.get(task.id)
+    if held is not None:
+        await rt.refund([held])
+    maybe_applied = exc.sent and (exc.status is None or exc.status >= 500)
+    if maybe_applied:
+        try:
+            await rt.api.patch(task.id, "pending")
+        except ApiError:
+            pass  # the journal row stays: start-up recovery or the stale-claim scan releases it
+        else:
+            await rt.journal.remove_claims([task.id])
+    else:
+        await rt.journal.remove_claims([task.id])
+    await rt.leases.release([task.id])
+    rt.unhold(task.id, finished=exc.status == 404)
+    rt.log.warning("claim_failed", task_id=task.id, status=exc.status, error=str(exc))

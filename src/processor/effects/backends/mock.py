@@ -11,6 +11,8 @@ import math
 from array import array
 from collections.abc import Sequence
 
+import trio
+
 from processor.effects.backends.base import EmbedResult, RequestLimits, estimate_tokens
 
 
@@ -25,8 +27,9 @@ def mock_vector(model: str, text: str, dim: int) -> list[float]:
 class MockBackend:
     name = "mock"
 
-    def __init__(self, dim: int, *, max_items: int = 2048) -> None:
+    def __init__(self, dim: int, *, max_items: int = 2048, latency: float = 0.0) -> None:
         self.dim = dim
+        self.latency = latency  # seconds per request: simulates a real backend in demos and tests
         self._max_items = max_items
         self.inputs_seen = 0
         self.requests = 0
@@ -41,6 +44,8 @@ class MockBackend:
         return None
 
     async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
+        if self.latency:
+            await trio.sleep(self.latency)
         self.requests += 1
         self.inputs_seen += len(texts)
         return EmbedResult([mock_vector(model, t, self.dim) for t in texts], sum(estimate_tokens(t) for t in texts))
