@@ -98,7 +98,8 @@ async def test_invalid_client_is_named_not_ready_backs_off_and_recovers(sandbox,
 
 def _spawn(env: dict[str, str]) -> subprocess.Popen[bytes]:
     base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
-    return subprocess.Popen([sys.executable, "-m", "processor", "run"], env={**base, **env}, stdout=subprocess.DEVNULL)
+    log = open(os.path.join(env["STATE_DIR"] + ".log"), "ab")  # noqa: SIM115 - read by the test on failure
+    return subprocess.Popen([sys.executable, "-m", "processor", "run"], env={**base, **env}, stdout=log, stderr=log)
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
@@ -129,7 +130,7 @@ async def test_sigterm_mid_batch_exits_0_and_leaves_nothing_in_progress(sandbox,
     states = sandbox.state.by_state()
     assert states.get("in_progress", 0) == 0
     assert states.get("succeeded", 0) + states.get("pending", 0) == 60
-    assert _outbox_rows(tmp_path / "state") == 0  # every finished result was reported
+    assert _outbox_rows(tmp_path / "state") == 0, (tmp_path / "state.log").read_text()[-5000:]  # every result reported
 
 
 async def test_sigterm_grace_expiry_releases_unfinished_claims(sandbox, tmp_path):

@@ -61,6 +61,10 @@ async def embed_worker(rt: Runtime, batches: trio.MemoryReceiveChannel[batching.
     async with batches, results:
         async for batch in batches:
             backend, model = batch.key  # type: ignore[misc]
+            if rt.stopping.is_set():
+                # shutting down: batches already at a backend finish; queued ones go back
+                await rt.release([t.id for t in batch.items], reason="shutdown")
+                continue
             await embed_batch(rt, backend, model, list(batch.items), results)
 
 
