@@ -107,3 +107,14 @@ def all_done(state: SandboxState, n: int) -> Callable[[], bool]:
 
 def is_unit_vector(v: Any, dim: int) -> bool:
     return isinstance(v, list) and len(v) == dim and abs(math.sqrt(sum(x * x for x in v)) - 1.0) < 1e-6
+
+
+@pytest.fixture
+def captured_logs():
+    """Every log event (all levels) as dicts, after the redaction step."""
+    import structlog
+
+    configure_logging("DEBUG", "json")
+    with structlog.testing.capture_logs() as logs:
+        yield logs
+    configure_logging("WARNING", "json")

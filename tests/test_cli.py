@@ -99,3 +99,13 @@ def test_limits_reads_the_store(tmp_path):
     r = run("limits", env=env)
     assert r.returncode == 0, r.stderr
     assert "minute" in r.stdout and "20" in r.stdout and "day" in r.stdout and "500" in r.stdout
+
+
+def test_start_up_error_exits_1_with_a_clear_line_and_no_traceback(tmp_path):
+    env = {"API_BASE_URL": "http://127.0.0.1:9", "OAUTH2_TOKEN_URL": "http://127.0.0.1:9/t", "OAUTH2_CLIENT_ID": "a",
+           "OAUTH2_CLIENT_SECRET": "b", "PROCESSING_MODE": "ollama", "OLLAMA_BASE_URL": "http://127.0.0.1:9",
+           "STATE_DIR": str(tmp_path), "METRICS_PORT": "0"}
+    r = run("run", env=env)
+    assert r.returncode == 1
+    assert "startup_failed" in r.stdout and "unreachable" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr

@@ -187,6 +187,7 @@ class Daemon:
     # -- run -------------------------------------------------------------------------------
     async def run(self) -> int:
         s = self.s
+        startup_error: StartupError | None = None
         async with trio.open_nursery() as services:
             if self._serve_health:
                 app = HealthApp(self.metrics.registry, self.health, self.not_ready_reasons)
@@ -199,10 +200,14 @@ class Daemon:
                 await services.start(self._watch_signals)
             try:
                 await self._run_pipeline()
+            except StartupError as exc:
+                startup_error = exc  # raised below, outside the nursery: no exception group
             finally:
                 if self._serve_health:
                     self._health_stop.set()
                 services.cancel_scope.cancel()
+        if startup_error is not None:
+            raise startup_error
         return 0
 
     async def _watch_signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

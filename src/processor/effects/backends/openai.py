@@ -8,7 +8,11 @@ requests before a 429 would.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
+import sys
+from array import array
 from collections.abc import Sequence
 
 import httpx
@@ -44,6 +48,21 @@ def parse_reset(value: str | None) -> float | None:
             return None
     h, mi, s, ms = (float(g) if g else 0.0 for g in m.groups())
     return h * 3600 + mi * 60 + s + ms / 1000
+
+
+def decode_vector(value: object) -> object:
+    """base64 of little-endian float32 -> list of floats (other shapes pass through to the
+    vector check, which rejects them with a reason)."""
+    if isinstance(value, str):
+        try:
+            packed = array("f")
+            packed.frombytes(base64.b64decode(value, validate=True))
+        except (ValueError, binascii.Error):
+            return value
+        if sys.byteorder != "little":
+            packed.byteswap()
+        return packed.tolist()
+    return value
 
 
 class OpenAIBackend:
@@ -108,7 +127,7 @@ class OpenAIBackend:
         self._pace(raw.headers)
         resp = raw.parse()
         data = sorted(resp.data, key=lambda d: d.index)
-        vectors = [d.embedding for d in data]
+        vectors = [decode_vector(d.embedding) for d in data]
         usage = getattr(resp, "usage", None)
         tokens = getattr(usage, "prompt_tokens", None) if usage else None
         if tokens:
