@@ -97,14 +97,17 @@ class Runtime:
         self.stopping = trio.Event()
         self.room = trio.Event()  # set when held tasks drop below the low-water mark
         self.admission_paused_until = 0.0  # trio time; the limiter said nothing fits before
-        self.outbox_size = 0
-        self.outbox_oldest: dict[str, float] = {}
+        self.outbox_oldest: dict[str, float] = {}  # task id -> when its result was stored
         self.last_poll_ok: float | None = None  # trio time
         self.started_at = trio.current_time()
         self.report_policy = rt.RetryPolicy(
             max_retries=1_000_000, base=0.5, factor=settings.retry_backoff_factor, cap=settings.retry_max_delay_seconds
         )
         self.log = get_logger("daemon")
+
+    @property
+    def outbox_size(self) -> int:
+        return len(self.outbox_oldest)
 
     # -- intake bookkeeping ----------------------------------------------------------
     @property
@@ -199,7 +202,6 @@ class Runtime:
             if o.task_id in self.held:
                 self.held[o.task_id].computed = True
             self.outbox_oldest[o.task_id] = now
-        self.outbox_size += len(outcomes)
         self._publish_outbox()
 
     def _publish_outbox(self) -> None:
@@ -250,8 +252,6 @@ class Runtime:
             if o.created_at is not None:
                 self.metrics.e2e_latency.observe(max(0.0, wall - o.created_at))
             self.metrics.tasks_processed.labels("text_embedding", o.state).inc()
-            if o.task_id in self.outbox_oldest:
-                del self.outbox_oldest[o.task_id]
-                self.outbox_size -= 1
+            self.outbox_oldest.pop(o.task_id, None)
             self.unhold(o.task_id, finished=True)
         self._publish_outbox()

@@ -26,7 +26,6 @@ async def recover(rt: Runtime) -> None:
             rt.held[row.task_id] = Held(Task(row.task_id, "", "", Backend.MOCK, row.created_at), claimed=True, computed=True)
             rt.outbox_oldest[row.task_id] = row.computed_at
             outcomes.append(Outcome(row.task_id, row.state, row.vector, row.reason, row.created_at))
-        rt.outbox_size = len(outcomes)
         for i in range(0, len(outcomes), 256):
             await report_batch(rt, outcomes[i : i + 256])
     orphans = rt.journal.orphan_claims()
