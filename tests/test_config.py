@@ -149,3 +149,15 @@ def test_settings_are_immutable():
     s, _ = load()
     with pytest.raises(AttributeError):
         s.concurrency_limit = 10  # type: ignore[misc]
+
+
+def test_env_example_lists_every_setting():
+    from pathlib import Path
+
+    from processor.config import _FIELDS, _PERIODS
+
+    text = (Path(__file__).resolve().parents[1] / ".env.example").read_text()
+    names = set(_FIELDS) | {"ORY_PROJECT_SLUG", "OAUTH2_CLIENT_SECRET", "OPENAI_API_KEY"}
+    names |= {f"RATE_LIMIT_PER_{p}" for p in _PERIODS} | {f"OPENAI_RATE_LIMIT_PER_{p}" for p in _PERIODS}
+    missing = sorted(n for n in names if f"\n{n}=" not in text and f"# {n}" not in text)
+    assert missing == []
