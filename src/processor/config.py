@@ -112,6 +112,7 @@ class Settings:
     state_dir: str = "data"
     state_backend: StateBackend = StateBackend.SQLITE
     redis_url: str = attrs.field(default="redis://127.0.0.1:6379/0", repr=False)
+    redis_key_prefix: str = "processor"
     lease_ttl_seconds: float = 30.0
     reclaim_interval_seconds: float = 300.0
     reclaim_after_seconds: float = 600.0
@@ -330,6 +331,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STATE_DIR": ("state_dir", _nonempty),
     "STATE_BACKEND": ("state_backend", _enum(StateBackend)),
     "REDIS_URL": ("redis_url", _redis_url),
+    "REDIS_KEY_PREFIX": ("redis_key_prefix", _nonempty),
     "LEASE_TTL_SECONDS": ("lease_ttl_seconds", _float(1)),
     "RECLAIM_INTERVAL_SECONDS": ("reclaim_interval_seconds", _float(1)),
     "RECLAIM_AFTER_SECONDS": ("reclaim_after_seconds", _float(0)),

@@ -90,6 +90,7 @@ class Daemon:
         backends: dict[Backend, EmbeddingBackend] | None = None,
         leases: Leases | None = None,
         limiter: Limiter | None = None,
+        openai_limiter: Limiter | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         handle_signals: bool = True,
@@ -103,6 +104,7 @@ class Daemon:
         self._backends = backends
         self._leases = leases
         self._limiter = limiter
+        self._openai_limiter = openai_limiter
         self._handle_signals = handle_signals
         self._serve_health = serve_health
         self.rt: Runtime | None = None
@@ -234,7 +236,7 @@ class Daemon:
             try:
                 journal = JournalStore(s.journal_path)
                 limiter = self._limiter or build_limiter(s, s.rate_limits, s.rate_limit_storage_path, metrics=self.metrics, name="global", clock=self._clock)
-                openai_limiter = build_limiter(s, s.openai_rate_limits, s.rate_limit_storage_path.replace(".db", "") + "_openai.db", metrics=None, name="openai", clock=self._clock)
+                openai_limiter = self._openai_limiter or build_limiter(s, s.openai_rate_limits, s.rate_limit_storage_path.replace(".db", "") + "_openai.db", metrics=None, name="openai", clock=self._clock)
             except Exception as exc:
                 raise StartupError(str(exc)) from None
             leases = self._leases or NoLeases()

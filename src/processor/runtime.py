@@ -242,7 +242,7 @@ class Runtime:
         """The API has these reports: drop outbox and journal rows, leases, and hold."""
         ids = [o.task_id for o in outcomes]
         await self.journal.finish(ids)
-        await self.leases.release(ids)
+        await self.leases.complete(ids)
         now = trio.current_time()
         wall = self.wall()
         for o in outcomes:

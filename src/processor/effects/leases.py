@@ -12,7 +12,13 @@ class Leases(Protocol):
         """Take leases; returns the ids this replica now holds (others are skipped)."""
         ...
 
-    async def release(self, task_ids: Sequence[str]) -> None: ...
+    async def release(self, task_ids: Sequence[str]) -> None:
+        """Give leases back (the tasks return to pending): another replica may take them."""
+        ...
+
+    async def complete(self, task_ids: Sequence[str]) -> None:
+        """The tasks were reported: keep others off them while stale pending lists age out."""
+        ...
 
     async def live(self, task_ids: Sequence[str]) -> set[str]:
         """Which of these ids have a live lease held by anyone."""
@@ -30,6 +36,9 @@ class NoLeases:
         return list(task_ids)
 
     async def release(self, task_ids: Sequence[str]) -> None:
+        return None
+
+    async def complete(self, task_ids: Sequence[str]) -> None:
         return None
 
     async def live(self, task_ids: Sequence[str]) -> set[str]:

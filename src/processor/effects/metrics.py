@@ -75,6 +75,7 @@ class Metrics:
         self.released = Counter("ai_tasks_released_total", "Claims given back (PATCH pending)", ["reason"], registry=r)
         self.fallbacks = Counter("embedding_fallbacks_total", "Tasks sent to a fallback model", ["model", "fallback"], registry=r)
         self.quota_exhausted = Gauge("embedding_quota_exhausted", "1 while a backend reports its quota exhausted", ["backend"], registry=r)
+        self.redis_round_trips = Counter("redis_round_trips_total", "Redis script calls, by script", ["script"], registry=r)
         self.ready = Gauge("processor_ready", "1 when /ready answers 200", registry=r)
         self.build = Info("processor_build", "Build information", registry=r)
         self.build.info({"version": processor.__version__, "python": platform.python_version()})

@@ -188,6 +188,11 @@ def _free_at(state: LimiterState, tier: Tier, now: float, need: int) -> float:
     return now  # unreachable: every counted unit expires eventually
 
 
+def next_free_at(state: LimiterState, now: float, need: int = 1) -> float:
+    """Earliest time at which `need` more units fit in every tier (no other admissions)."""
+    return max((_free_at(state, t, now, need) for t in state.tiers), default=now)
+
+
 def usage(state: LimiterState, now: float) -> list[TierUsage]:
     out = []
     for tier in state.tiers:
@@ -231,9 +236,7 @@ def admit(state: LimiterState, now: float, n: int) -> tuple[LimiterState, Decisi
         new_tiers.append(attrs.evolve(tier, buckets=buckets))
     new_state = attrs.evolve(state, tiers=tuple(new_tiers))
     exhausted = tuple(t.period for t in new_state.tiers if _used(new_state, t, now) >= t.limit)
-    retry_at = None
-    if k < n:
-        retry_at = max(_free_at(new_state, t, now, 1) for t in new_state.tiers)
+    retry_at = next_free_at(new_state, now) if k < n else None
     return new_state, Decision(n, k, tuple(charges), retry_at, exhausted)
 
 

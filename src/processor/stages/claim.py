@@ -73,7 +73,14 @@ async def _leave_down_backends(rt: Runtime, group: list[Task]) -> list[Task]:
 
 async def admit(rt: Runtime, group: list[Task], log) -> list[Task]:
     """Leases, then the rate limits (global, then OpenAI's own caps). Returns what may go."""
-    leased = set(await rt.leases.acquire([t.id for t in group]))
+    try:
+        leased = set(await rt.leases.acquire([t.id for t in group]))
+    except Exception as exc:  # leases cannot be taken (Redis down): claim nothing, fail closed
+        log.warning("lease_acquire_failed", error=str(exc), action="not claiming; retrying")
+        for t in group:
+            rt.unhold(t.id, finished=False)
+        rt.admission_paused_until = trio.current_time() + 2.0
+        return []
     for t in group:
         if t.id not in leased:
             rt.unhold(t.id, finished=False)

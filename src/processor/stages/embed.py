@@ -223,10 +223,16 @@ async def deliver(rt: Runtime, results: trio.MemorySendChannel[list[Outcome]], o
     """Outbox first (one transaction per batch), then the reporter."""
     if not outcomes:
         return
-    lost = rt.leases.lost()
+    lost = rt.leases.lost() & {o.task_id for o in outcomes}
     if lost:
+        # another replica may own these now: abandon them without reporting
         outcomes = [o for o in outcomes if o.task_id not in lost]
+        await rt.journal.remove_claims(list(lost))
+        await rt.leases.release(list(lost))
         for tid in lost:
             rt.unhold(tid, finished=False)
+        rt.metrics.released.labels("lease_lost").inc(len(lost))
+    if not outcomes:
+        return
     await rt.store_outcomes(outcomes)
     await results.send(outcomes)

@@ -45,7 +45,7 @@ async def reclaimer(rt: Runtime, *, interval: float, older_than: float) -> None:
     while not rt.stopping.is_set():
         try:
             await reclaim_once(rt, older_than=older_than)
-        except ApiError as exc:
+        except Exception as exc:  # API or Redis unreachable: try again next round
             log.warning("reclaim_scan_failed", error=str(exc))
         with trio.move_on_after(interval):
             await rt.stopping.wait()

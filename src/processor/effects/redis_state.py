@@ -1,0 +1,416 @@
+"""Shared state for several replicas: rate-limit counters and task leases in Redis.
+
+* Rate limits: one admission is one atomic Lua script across all tiers. Time is Redis's own
+  (`TIME`), so replicas with skewed clocks agree; calendar boundaries need time-zone rules
+  Lua lacks, so the client computes them (from Redis time, with the same pure functions the
+  SQLite limiter uses) and passes them in. The script applies exactly the pure core's rule
+  (`processor.pure.ratelimit`); a property test runs both side by side.
+* Leases: `SET`-if-absent with a TTL and this replica's owner id, renewed while the task is
+  in flight (renewal checks the owner), deleted when it is reported. A replica that loses a
+  lease abandons the task without PATCHing it. Delivery stays at-least-once.
+* Redis unreachable: fail closed. Nothing is admitted or claimed, /ready says why, calls are
+  retried with backoff; never a silent fallback to per-process limits (that would let N
+  replicas spend N times the budget).
+
+The client is coredis, which runs natively on trio and cancels cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import zoneinfo
+from collections.abc import Sequence
+from typing import Any
+
+import coredis
+import trio
+
+from processor.config import Limits, Settings
+from processor.effects.limiter import Unlimited, limits_map
+from processor.effects.logs import REDACTOR, get_logger
+from processor.effects.metrics import Metrics
+from processor.pure import ratelimit as rl
+
+ADMIT_LUA = """
+local n = tonumber(ARGV[1])
+local room = n
+for i = 1, #KEYS do
+  local base = 1 + (i - 1) * 4
+  local limit = tonumber(ARGV[base + 1])
+  local cutoff = tonumber(ARGV[base + 3])
+  local h = redis.call('HGETALL', KEYS[i])
+  local used = 0
+  for j = 1, #h, 2 do
+    if tonumber(h[j]) < cutoff then
+      redis.call('HDEL', KEYS[i], h[j])
+    else
+      used = used + tonumber(h[j + 1])
+    end
+  end
+  if limit - used < room then room = limit - used end
+end
+if room < 0 then room = 0 end
+if room > 0 then
+  for i = 1, #KEYS do
+    local base = 1 + (i - 1) * 4
+    redis.call('HINCRBY', KEYS[i], ARGV[base + 2], room)
+    redis.call('PEXPIRE', KEYS[i], ARGV[base + 4])
+  end
+end
+local out = {room}
+for i = 1, #KEYS do out[#out + 1] = redis.call('HGETALL', KEYS[i]) end
+return out
+"""
+
+REFUND_LUA = """
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 1, #KEYS do
+  local have = tonumber(redis.call('HGET', KEYS[i], ARGV[i + 1]) or '0')
+  local back = math.min(have, n)
+  if back > 0 then redis.call('HINCRBY', KEYS[i], ARGV[i + 1], -back) end
+  out[#out + 1] = redis.call('HGETALL', KEYS[i])
+end
+return out
+"""
+
+STATE_LUA = """
+local out = {}
+for i = 1, #KEYS do out[#out + 1] = redis.call('HGETALL', KEYS[i]) end
+return out
+"""
+
+TIME_LUA = "return redis.call('TIME')"
+
+ACQUIRE_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then out[i] = 1 else out[i] = 0 end
+end
+return out
+"""
+
+RENEW_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2]); out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+RELEASE_LUA = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
+return #KEYS
+"""
+
+COMPLETE_LUA = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('SET', KEYS[i], 'done:' .. ARGV[1], 'PX', ARGV[2]) end
+end
+return #KEYS
+"""
+
+LIVE_LUA = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('EXISTS', KEYS[i]) end
+return out
+"""
+
+
+class RedisUnavailable(Exception):
+    """Redis could not be reached or answered with an error: fail closed."""
+
+
+class RedisShared:
+    """One coredis client, its scripts, and the reachability every user reports."""
+
+    def __init__(self, client: Any, *, prefix: str = "processor", metrics: Metrics | None = None) -> None:
+        self.client = client
+        self.metrics = metrics
+        self.prefix = prefix
+        self.unavailable: str | None = None
+        self._log = get_logger("redis")
+        self._scripts = {name: client.register_script(src) for name, src in (
+            ("admit", ADMIT_LUA), ("refund", REFUND_LUA), ("state", STATE_LUA), ("time", TIME_LUA),
+            ("acquire", ACQUIRE_LUA), ("renew", RENEW_LUA), ("release", RELEASE_LUA), ("complete", COMPLETE_LUA), ("live", LIVE_LUA))}
+        self.round_trips = 0
+
+    async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        self.round_trips += 1
+        if self.metrics is not None:
+            self.metrics.redis_round_trips.labels(name).inc()
+        try:
+            with trio.fail_after(5):
+                out = await self._scripts[name](keys=list(keys), args=[str(a) for a in args])
+        except (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as exc:
+            if self.unavailable is None:
+                self._log.error("redis_unavailable", error=f"{type(exc).__name__}: {exc}",
+                                action="not admitting or claiming until Redis answers")
+            self.unavailable = f"{type(exc).__name__}: {exc}"
+            raise RedisUnavailable(self.unavailable) from None
+        if self.unavailable is not None:
+            self._log.info("redis_available_again")
+            self.unavailable = None
+        return out
+
+    async def now(self) -> float:
+        sec, usec = await self.call("time", [], [])
+        return int(sec) + int(usec) / 1e6
+
+
+def _pairs(flat: Sequence[Any]) -> dict[int, int]:
+    return {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class RedisLimiter:
+    """The multi-tier limiter with its counters in Redis (same interface as SqliteLimiter)."""
+
+    def __init__(self, shared: RedisShared, limits: dict[rl.Period, int], *, strategy: rl.Strategy, tz_name: str,
+                 metrics: Metrics | None, name: str = "global") -> None:
+        self.name = name
+        self._shared = shared
+        self._metrics = metrics
+        self._tz = zoneinfo.ZoneInfo(tz_name)
+        self._base = rl.new_state(limits, strategy=strategy, tz=self._tz)
+        self.state = self._base
+        self._offset = 0.0  # Redis time minus local time, for usage() between calls
+        self._keys = [f"{shared.prefix}:rl:{name}:{strategy.value}:{tz_name}:{t.period.value}" for t in self._base.tiers]
+        self._log = get_logger("ratelimit")
+        self._exhausted: set[rl.Period] = set()
+
+    def now(self) -> float:
+        return time.time() + self._offset
+
+    @property
+    def healthy(self) -> tuple[bool, str | None]:
+        return self._shared.unavailable is None, self._shared.unavailable
+
+    def _tier_args(self, now: float) -> list[Any]:
+        args: list[Any] = []
+        for tier in self._base.tiers:
+            bucket = rl.bucket_of(self._base.strategy, self._tz, tier.period, now)
+            if self._base.strategy is rl.Strategy.FIXED:
+                cutoff = bucket
+                ttl = rl.calendar_period(tier.period, now, self._tz)[1] - now + 60
+            else:
+                g, w = rl.GRANULARITY[tier.period], rl.ROLLING_WINDOW[tier.period]
+                # counted iff b > now - g - w - SLACK, i.e. b >= floor(now - g - w - SLACK) + 1
+                cutoff = math.floor(now - g - w - rl.SLACK) + 1
+                ttl = g + w + rl.SLACK + 60
+            args += [tier.limit, bucket, cutoff, int(ttl * 1000)]
+        return args
+
+    def _load(self, hashes: Sequence[Sequence[Any]]) -> None:
+        rows = [(tier.period, b, c) for tier, flat in zip(self._base.tiers, hashes, strict=True) for b, c in _pairs(flat).items()]
+        self.state = rl.with_counts(self._base, rows)
+
+    async def admit(self, n: int) -> rl.Decision:
+        if not self._base.tiers:
+            return rl.Decision(n, n)
+        now = await self._shared.now()  # Redis's clock: replicas with skewed clocks agree
+        self._offset = now - time.time()
+        return await self.admit_at(n, now)
+
+    async def admit_at(self, n: int, now: float) -> rl.Decision:
+        """One atomic admission at Redis time `now` (the script applies the pure rule)."""
+        t0 = time.perf_counter()
+        out = await self._shared.call("admit", self._keys, [n, *self._tier_args(now)])
+        admitted = int(out[0])
+        self._load(out[1:])
+        exhausted = tuple(u.period for u in rl.usage(self.state, now) if u.remaining <= 0)
+        retry_at = rl.next_free_at(self.state, now) if admitted < n else None
+        if self._metrics is not None:
+            self._metrics.rl_check.observe(time.perf_counter() - t0)
+            if admitted < n:
+                for p in exhausted:
+                    self._metrics.rl_exceeded.labels(p.value).inc()
+        self._note(now)
+        self._publish(now)
+        return rl.Decision(n, admitted, (), retry_at, exhausted)
+
+    async def refund(self, reserved_at: float, n: int) -> None:
+        if n <= 0 or not self._base.tiers:
+            return
+        buckets = [rl.bucket_of(self._base.strategy, self._tz, t.period, reserved_at) for t in self._base.tiers]
+        out = await self._shared.call("refund", self._keys, [n, *buckets])
+        self._load(out)
+        self._publish(self.now())
+
+    async def refresh(self) -> None:
+        self._load(await self._shared.call("state", self._keys, []))
+
+    def usage(self) -> list[rl.TierUsage]:
+        return rl.usage(self.state, self.now())
+
+    def _note(self, now: float) -> None:
+        exhausted = {u.period for u in rl.usage(self.state, now) if u.remaining <= 0}
+        for p in exhausted - self._exhausted:
+            self._log.warning("rate_limit_exhausted", limiter=self.name, period=p.value, shared="redis")
+        for p in self._exhausted - exhausted:
+            self._log.info("rate_limit_available", limiter=self.name, period=p.value, shared="redis")
+        self._exhausted = exhausted
+
+    def _publish(self, now: float) -> None:
+        if self._metrics is None or self.name != "global":
+            return
+        for u in rl.usage(self.state, now):
+            self._metrics.rl_usage.labels(u.period.value).set(u.used)
+            self._metrics.rl_max.labels(u.period.value).set(u.limit)
+            self._metrics.rl_remaining.labels(u.period.value).set(u.remaining)
+
+
+class RedisLeases:
+    """Task leases shared by replicas (see the module docstring)."""
+
+    def __init__(self, shared: RedisShared, *, ttl: float, owner: str | None = None) -> None:
+        self._shared = shared
+        self.ttl = ttl
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.owned: set[str] = set()
+        self._lost: set[str] = set()
+        self._last_renewal = trio.current_time()
+        self._log = get_logger("leases")
+
+    @property
+    def unavailable(self) -> str | None:
+        return self._shared.unavailable
+
+    def _key(self, task_id: str) -> str:
+        return f"{self._shared.prefix}:lease:{task_id}"
+
+    async def acquire(self, task_ids: Sequence[str]) -> list[str]:
+        if not task_ids:
+            return []
+        out = await self._shared.call("acquire", [self._key(t) for t in task_ids], [self.owner, int(self.ttl * 1000)])
+        got = [t for t, ok in zip(task_ids, out, strict=True) if int(ok)]
+        self.owned.update(got)
+        return got
+
+    async def release(self, task_ids: Sequence[str]) -> None:
+        mine = [t for t in task_ids if t in self.owned]
+        self.owned.difference_update(task_ids)
+        self._lost.difference_update(task_ids)
+        if not mine:
+            return
+        try:
+            await self._shared.call("release", [self._key(t) for t in mine], [self.owner])
+        except RedisUnavailable:
+            pass  # the lease expires by itself after its TTL
+
+    async def complete(self, task_ids: Sequence[str]) -> None:
+        """Reported: the lease becomes a short-lived 'done' marker instead of disappearing,
+        so a replica still working through a pending list read before the report cannot
+        take the task again (its lease request finds the key taken)."""
+        mine = [t for t in task_ids if t in self.owned]
+        self.owned.difference_update(task_ids)
+        self._lost.difference_update(task_ids)
+        if not mine:
+            return
+        try:
+            await self._shared.call("complete", [self._key(t) for t in mine], [self.owner, int(self.ttl * 1000)])
+        except RedisUnavailable:
+            pass  # the lease expires by itself after its TTL
+
+    async def live(self, task_ids: Sequence[str]) -> set[str]:
+        if not task_ids:
+            return set()
+        out = await self._shared.call("live", [self._key(t) for t in task_ids], [])
+        return {t for t, ok in zip(task_ids, out, strict=True) if int(ok)}
+
+    def lost(self) -> set[str]:
+        return set(self._lost)
+
+    async def renew_forever(self) -> None:
+        """Renew owned leases every TTL/3; a lease that cannot be renewed is lost."""
+        while True:
+            await trio.sleep(self.ttl / 3)
+            ids = sorted(self.owned)
+            if not ids:
+                self._last_renewal = trio.current_time()
+                continue
+            try:
+                out = await self._shared.call("renew", [self._key(t) for t in ids], [self.owner, int(self.ttl * 1000)])
+            except RedisUnavailable:
+                if trio.current_time() - self._last_renewal > self.ttl:
+                    self._lose(ids, "redis unreachable past the lease TTL")
+                continue
+            self._last_renewal = trio.current_time()
+            gone = [t for t, ok in zip(ids, out, strict=True) if not int(ok)]
+            if gone:
+                self._lose(gone, "lease taken over or expired")
+
+    def _lose(self, ids: Sequence[str], why: str) -> None:
+        fresh = [t for t in ids if t not in self._lost]
+        self._lost.update(ids)
+        self.owned.difference_update(ids)
+        if fresh:
+            self._log.warning("leases_lost", count=len(fresh), why=why, action="abandoning those tasks without reporting")
+
+
+def make_client(settings: Settings) -> Any:
+    REDACTOR.add(_password(settings.redis_url))
+    return coredis.Redis.from_url(settings.redis_url, decode_responses=True, connect_timeout=2, stream_timeout=3)
+
+
+def _password(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).password
+
+
+def build_limiters(settings: Settings, shared: RedisShared, metrics: Metrics | None) -> tuple[Any, Any]:
+    def one(limits: Limits, name: str) -> Any:
+        if not settings.rate_limit_enabled or not limits.enabled():
+            return Unlimited()
+        return RedisLimiter(shared, limits_map(limits), strategy=settings.rate_limit_strategy,
+                            tz_name=settings.rate_limit_timezone, metrics=metrics if name == "global" else None, name=name)
+
+    return one(settings.rate_limits, "global"), one(settings.openai_rate_limits, "openai")
+
+
+async def run_with_redis(settings: Settings) -> int:
+    from processor.daemon import Daemon
+
+    client = make_client(settings)
+    async with client:
+        metrics = Metrics()
+        shared = RedisShared(client, prefix=settings.redis_key_prefix, metrics=metrics)
+        limiter, openai_limiter = build_limiters(settings, shared, metrics)
+        leases = RedisLeases(shared, ttl=settings.lease_ttl_seconds)
+        daemon = Daemon(settings, metrics=metrics, limiter=limiter, openai_limiter=openai_limiter, leases=leases)
+        async with trio.open_nursery() as n:
+            n.start_soon(leases.renew_forever)
+            code = await daemon.run()
+            n.cancel_scope.cancel()
+        return code
+
+
+async def print_redis_limits(settings: Settings) -> int:
+    from datetime import UTC, datetime
+
+    client = make_client(settings)
+    async with client:
+        shared = RedisShared(client, prefix=settings.redis_key_prefix)
+        limiter, _ = build_limiters(settings, shared, None)
+        try:
+            await limiter.refresh()
+            now = await shared.now()
+            limiter._offset = now - time.time()
+        except RedisUnavailable as exc:
+            print(f"processor: redis unavailable: {exc}")
+            return 1
+    print(f"store: redis  strategy: {settings.rate_limit_strategy.value}  zone: {settings.rate_limit_timezone}")
+    print(f"{'period':<8} {'used':>10} {'limit':>10} {'remaining':>10}  resets at")
+    for u in limiter.usage():
+        resets = datetime.fromtimestamp(u.resets_at, UTC).isoformat(timespec="seconds") if u.resets_at else "-"
+        print(f"{u.period.value:<8} {u.used:>10} {u.limit:>10} {u.remaining:>10}  {resets}")
+    return 0
