@@ -58,14 +58,17 @@ class TaskApi:
         metrics: Metrics,
         guard: Guard,
         concurrency: int,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._http = http
+        self._transport = transport  # the hot path skips the client's cookie/redirect/auth layers
         self._base = base_url.rstrip("/")
         self._tokens = tokens
         self._metrics = metrics
         self.guard = guard
         self._limit = trio.CapacityLimiter(concurrency)
         self.last_success: float | None = None  # trio time of the last 2xx
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     async def _send(
         self, method: str, path: str, template: str, *, content: bytes | None = None, stream: bool = False
@@ -86,7 +89,11 @@ class TaskApi:
                 self.guard.note_request()
                 try:
                     request = self._http.build_request(method, self._base + path, content=content, headers=headers)
-                    resp = await self._http.send(request, stream=stream)
+                    if self._transport is not None and not stream:
+                        resp = await self._transport.handle_async_request(request)
+                        await resp.aread()
+                    else:
+                        resp = await self._http.send(request, stream=stream)
                 except httpx.HTTPError as exc:
                     self._observe(template, method, "error", t0)
                     self.guard.record(Outcome.FAILURE)
@@ -103,8 +110,15 @@ class TaskApi:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _observe(self, template: str, method: str, status: str, t0: float) -> None:
-        self._metrics.api_requests.labels(template, method, status).inc()
-        self._metrics.api_duration.labels(template, method).observe(trio.current_time() - t0)
+        key = (template, method, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups cost more than the update itself: cache them
+            children = self._children[key] = (
+                self._metrics.api_requests.labels(template, method, status),
+                self._metrics.api_duration.labels(template, method),
+            )
+        children[0].inc()
+        children[1].observe(trio.current_time() - t0)
 
     @staticmethod
     async def _raise_for(resp: httpx.Response, what: str) -> None:

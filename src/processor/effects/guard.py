@@ -42,8 +42,10 @@ class Guard:
 
     # -- breaker ---------------------------------------------------------------------
     def allow(self) -> bool:
+        before = self.state.state
         self.state, ok = br.allow(self.cfg, self.state, trio.current_time())
-        self._publish()
+        if self.state.state is not before:
+            self._publish()
         return ok
 
     def check(self) -> None:
@@ -56,7 +58,7 @@ class Guard:
         if self.state.state is not before:
             self._changed.set()
             self._changed = trio.Event()
-        self._publish()
+            self._publish()
 
     def release_probe(self) -> None:
         self.state = br.release_probe(self.state)

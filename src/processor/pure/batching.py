@@ -1,8 +1,14 @@
 """Group claimed tasks into backend requests.
 
-A batch is keyed by (backend, model). It closes when it is full or `max_wait` seconds
-after its first item arrived, so a backlog gives full batches and a lone task is not held
-back. `chunk` splits a list by item count and by an estimated weight (tokens).
+A batch is keyed by (backend, model). It closes when it is full, or `max_wait` seconds
+after its first item arrived once items have stopped coming (none for `max_wait / 5`).
+A lone task therefore waits exactly `max_wait`; a steady stream (a backlog) keeps filling
+the batch until it is full, but never longer than `HOLD_FACTOR * max_wait`. The stream
+matters because claims reach the batcher at the task API's pace, which is usually far
+slower than `max_size / max_wait`: closing on the first task's clock alone would send
+small batches exactly when there is a backlog.
+
+`chunk` splits a list by item count and by an estimated weight (tokens).
 """
 
 from __future__ import annotations
@@ -15,11 +21,16 @@ import attrs
 T = TypeVar("T")
 
 
+HOLD_FACTOR = 10
+QUIET_FRACTION = 0.2
+
+
 @attrs.frozen
 class Batch(Generic[T]):
     key: Hashable
     items: tuple[T, ...]
     opened_at: float
+    last_at: float = 0.0  # when the latest item arrived
 
 
 @attrs.frozen
@@ -41,17 +52,23 @@ def add(state: Batcher[T], key: Hashable, item: T, now: float) -> tuple[Batcher[
     new_open = dict(state.open)
     if len(items) >= state.max_size:
         new_open.pop(key, None)
-        return attrs.evolve(state, open=new_open), [Batch(key, items, opened)]
-    new_open[key] = Batch(key, items, opened)
+        return attrs.evolve(state, open=new_open), [Batch(key, items, opened, now)]
+    new_open[key] = Batch(key, items, opened, now)
     return attrs.evolve(state, open=new_open), []
+
+
+def closes_at(state: Batcher[T], b: Batch[T]) -> float:
+    """When batch `b` closes if no more items arrive."""
+    quiet = max(b.opened_at + state.max_wait, b.last_at + state.max_wait * QUIET_FRACTION)
+    return min(quiet, b.opened_at + HOLD_FACTOR * state.max_wait)
 
 
 def due(state: Batcher[T], now: float) -> tuple[Batcher[T], list[Batch[T]]]:
     """Close the batches whose wait has run out."""
-    ready = [b for b in state.open.values() if now >= b.opened_at + state.max_wait]
+    ready = [b for b in state.open.values() if now >= closes_at(state, b)]
     if not ready:
         return state, []
-    new_open = {k: b for k, b in state.open.items() if now < b.opened_at + state.max_wait}
+    new_open = {k: b for k, b in state.open.items() if now < closes_at(state, b)}
     return attrs.evolve(state, open=new_open), ready
 
 
@@ -63,7 +80,7 @@ def flush(state: Batcher[T]) -> tuple[Batcher[T], list[Batch[T]]]:
 def next_deadline(state: Batcher[T]) -> float | None:
     if not state.open:
         return None
-    return min(b.opened_at for b in state.open.values()) + state.max_wait
+    return min(closes_at(state, b) for b in state.open.values())
 
 
 def chunk(
