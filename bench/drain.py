@@ -184,8 +184,8 @@ def main() -> None:
     print(f"   ceiling: {ceiling:.2f} s  {ceil_rate:.0f} tasks/s  (minimal client, same calls, same concurrency)")
     print(f"   ratio daemon/ceiling: {rate / ceil_rate:.2f}  (target >= 0.7)")
     work_cpu = d["cpu"] - startup_cpu
-    print(f"   (times run from the first token request to the last PATCH, as the sandbox saw them; "
-          f"the daemon's process start-up is not counted)")
+    print("   (times run from the first token request to the last PATCH, as the sandbox saw them; "
+          "the daemon's process start-up is not counted)")
     print(f"\n3. CPU: {d['cpu']:.2f} s daemon CPU in all, of which {startup_cpu:.2f} s start-up and idle polling "
           f"(measured alone) => {1000 * work_cpu / n:.2f} CPU s per 1,000 tasks ({1000 * work_cpu / n:.2f} ms per task)")
 
@@ -200,7 +200,7 @@ def main() -> None:
             m_big = run_daemon(big, args.memory_tasks, concurrency=args.concurrency, api_concurrency=args.api_concurrency)
         finally:
             big.close()
-        print(f"\n2. memory: peak RSS of the daemon, pending tasks of 2 KB text")
+        print("\n2. memory: peak RSS of the daemon, pending tasks of 2 KB text")
         print(f"   2,000 pending : {m_small['peak_rss_mb']:.1f} MB")
         print(f"   {args.memory_tasks:,} pending: {m_big['peak_rss_mb']:.1f} MB  (target <= 120 MB; difference {m_big['peak_rss_mb'] - m_small['peak_rss_mb']:+.1f} MB, target <= 10 MB)")
 

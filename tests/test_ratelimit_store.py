@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import stat
 from datetime import datetime
 from zoneinfo import ZoneInfo
 

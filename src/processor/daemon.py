@@ -25,6 +25,7 @@ import trio
 import processor
 from processor.config import Mode, Settings, StateBackend
 from processor.effects.api import TaskApi
+from processor.effects.asgi import serve_asgi
 from processor.effects.auth import TokenProvider
 from processor.effects.backends.base import EmbeddingBackend
 from processor.effects.backends.mock import MockBackend
@@ -39,7 +40,6 @@ from processor.effects.store import JournalStore
 from processor.pure.breaker import BreakerConfig
 from processor.pure.tasks import Backend, Routing, Task
 from processor.runtime import RELEASE_TIMEOUT, Outcome, Runtime
-from processor.sandbox.server import serve_asgi
 from processor.stages import claim, embed, intake, recovery, report
 
 

@@ -123,9 +123,7 @@ async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
             api = TaskApi(http, settings.api_base_url, tokens, metrics=metrics, guard=Guard("api", BreakerConfig()), concurrency=1)
             try:
                 async with api.pending() as entries:
-                    first = None
-                    async for first in entries:
-                        break
+                    first = await anext(aiter(entries), None)
                 out.append(("task API (GET /api/ai-tasks/pending)", True, "reachable" + (", tasks pending" if first is not None else ", nothing pending")))
             except ApiError as exc:
                 hint = " — check API_BASE_URL" if exc.status == 404 or exc.status is None else ""
@@ -156,9 +154,7 @@ async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
 
 
 def _limits(settings: Settings) -> int:
-    from datetime import UTC, datetime
-
-    from processor.effects.limiter import build_limiter
+    from processor.effects.limiter import build_limiter, format_usage
     from processor.effects.store import StoreError
 
     if not settings.rate_limit_enabled:
@@ -177,10 +173,7 @@ def _limits(settings: Settings) -> int:
         print(f"processor: {exc}", file=sys.stderr)
         return EXIT_FAIL
     print(f"store: {settings.rate_limit_storage_path}  strategy: {settings.rate_limit_strategy.value}  zone: {settings.rate_limit_timezone}")
-    print(f"{'period':<8} {'used':>10} {'limit':>10} {'remaining':>10}  resets at")
-    for u in limiter.usage():
-        resets = datetime.fromtimestamp(u.resets_at, UTC).isoformat(timespec="seconds") if u.resets_at else "-"
-        print(f"{u.period.value:<8} {u.used:>10} {u.limit:>10} {u.remaining:>10}  {resets}")
+    print("\n".join(format_usage(limiter.usage())))
     return EXIT_OK
 
 

@@ -7,11 +7,13 @@ mutates them; every decision is taken by `processor.pure.breaker` / `processor.p
 from __future__ import annotations
 
 import random
+
 import trio
 
 from processor.effects.metrics import Metrics
 from processor.pure import breaker as br
 from processor.pure import retry as rt
+
 
 class BreakerOpen(Exception):
     """The dependency's breaker is open; no call was made. `retry_at` is trio time."""

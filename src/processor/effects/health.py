@@ -8,6 +8,8 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, make_asgi_app
 
+from processor.effects.asgi import lifespan
+
 
 class HealthApp:
     def __init__(
@@ -22,13 +24,8 @@ class HealthApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         path = scope["path"]

@@ -36,6 +36,41 @@ def limits_map(limits: Limits) -> dict[rl.Period, int]:
     return {rl.Period(k): v for k, v in limits.enabled().items()}
 
 
+class TierWatch:
+    """Logs a tier's exhaustion once when it happens and once when it frees (not per poll),
+    and publishes usage gauges (for the global limiter only)."""
+
+    def __init__(self, name: str, metrics: Metrics | None, **context: str) -> None:
+        self._name = name
+        self._metrics = metrics if name == "global" else None
+        self._exhausted: set[rl.Period] = set()
+        self._log = get_logger("ratelimit").bind(limiter=name, **context)
+
+    def update(self, usage: list[rl.TierUsage], retry_at: float | None = None) -> None:
+        exhausted = {u.period for u in usage if u.remaining <= 0}
+        for p in exhausted - self._exhausted:
+            self._log.warning("rate_limit_exhausted", period=p.value, retry_at=retry_at)
+        for p in self._exhausted - exhausted:
+            self._log.info("rate_limit_available", period=p.value)
+        self._exhausted = exhausted
+        if self._metrics is not None:
+            for u in usage:
+                self._metrics.rl_usage.labels(u.period.value).set(u.used)
+                self._metrics.rl_max.labels(u.period.value).set(u.limit)
+                self._metrics.rl_remaining.labels(u.period.value).set(u.remaining)
+
+
+def format_usage(usage: list[rl.TierUsage]) -> list[str]:
+    """The `limits` command's table."""
+    from datetime import UTC, datetime
+
+    lines = [f"{'period':<8} {'used':>10} {'limit':>10} {'remaining':>10}  resets at"]
+    for u in usage:
+        resets = datetime.fromtimestamp(u.resets_at, UTC).isoformat(timespec="seconds") if u.resets_at else "-"
+        lines.append(f"{u.period.value:<8} {u.used:>10} {u.limit:>10} {u.remaining:>10}  {resets}")
+    return lines
+
+
 class Unlimited:
     """RATE_LIMIT_ENABLED=false: everything is admitted, nothing is stored."""
 
@@ -91,11 +126,10 @@ class SqliteLimiter:
         elif not old_strategy:
             store.replace_all(rows, {"strategy": strategy.value, "timezone": tz_name})
         self.state = rl.with_counts(self.state, rows)
-        self._exhausted: set[rl.Period] = set()
         self._lock = trio.Lock()
-        self._log = get_logger("ratelimit")
         self._admissions = 0
-        self._publish(clock())
+        self._watch = TierWatch(name, metrics)
+        self._watch.update(rl.usage(self.state, clock()))
 
     @property
     def healthy(self) -> tuple[bool, str | None]:
@@ -117,8 +151,7 @@ class SqliteLimiter:
                 if decision.admitted < n:
                     for p in decision.exhausted:
                         self._metrics.rl_exceeded.labels(p.value).inc()
-            self._note_exhaustion(decision, now)
-            self._publish(now)
+            self._watch.update(rl.usage(self.state, now), decision.retry_at)
             return decision
 
     async def refund(self, reserved_at: float, n: int) -> None:
@@ -129,29 +162,10 @@ class SqliteLimiter:
             if charges:
                 await self._store.apply(charges)
             self.state = new_state
-            now = self.now()
-            self._note_exhaustion(None, now)
-            self._publish(now)
+            self._watch.update(rl.usage(self.state, self.now()))
 
     def usage(self) -> list[rl.TierUsage]:
         return rl.usage(self.state, self.now())
-
-    def _note_exhaustion(self, decision: rl.Decision | None, now: float) -> None:
-        exhausted = {u.period for u in rl.usage(self.state, now) if u.remaining <= 0}
-        for p in exhausted - self._exhausted:
-            self._log.warning("rate_limit_exhausted", limiter=self.name, period=p.value,
-                              retry_at=decision.retry_at if decision else None)
-        for p in self._exhausted - exhausted:
-            self._log.info("rate_limit_available", limiter=self.name, period=p.value)
-        self._exhausted = exhausted
-
-    def _publish(self, now: float) -> None:
-        if self._metrics is None or self.name != "global":
-            return
-        for u in rl.usage(self.state, now):
-            self._metrics.rl_usage.labels(u.period.value).set(u.used)
-            self._metrics.rl_max.labels(u.period.value).set(u.limit)
-            self._metrics.rl_remaining.labels(u.period.value).set(u.remaining)
 
 
 def build_limiter(

@@ -29,7 +29,7 @@ import coredis
 import trio
 
 from processor.config import Limits, Settings
-from processor.effects.limiter import Unlimited, limits_map
+from processor.effects.limiter import TierWatch, Unlimited, format_usage, limits_map
 from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
 from processor.pure import ratelimit as rl
@@ -184,8 +184,7 @@ class RedisLimiter:
         self.state = self._base
         self._offset = 0.0  # Redis time minus local time, for usage() between calls
         self._keys = [f"{shared.prefix}:rl:{name}:{strategy.value}:{tz_name}:{t.period.value}" for t in self._base.tiers]
-        self._log = get_logger("ratelimit")
-        self._exhausted: set[rl.Period] = set()
+        self._watch = TierWatch(name, metrics, shared="redis")
 
     def now(self) -> float:
         return time.time() + self._offset
@@ -233,8 +232,7 @@ class RedisLimiter:
             if admitted < n:
                 for p in exhausted:
                     self._metrics.rl_exceeded.labels(p.value).inc()
-        self._note(now)
-        self._publish(now)
+        self._watch.update(rl.usage(self.state, now), retry_at)
         return rl.Decision(n, admitted, (), retry_at, exhausted)
 
     async def refund(self, reserved_at: float, n: int) -> None:
@@ -243,29 +241,13 @@ class RedisLimiter:
         buckets = [rl.bucket_of(self._base.strategy, self._tz, t.period, reserved_at) for t in self._base.tiers]
         out = await self._shared.call("refund", self._keys, [n, *buckets])
         self._load(out)
-        self._publish(self.now())
+        self._watch.update(self.usage())
 
     async def refresh(self) -> None:
         self._load(await self._shared.call("state", self._keys, []))
 
     def usage(self) -> list[rl.TierUsage]:
         return rl.usage(self.state, self.now())
-
-    def _note(self, now: float) -> None:
-        exhausted = {u.period for u in rl.usage(self.state, now) if u.remaining <= 0}
-        for p in exhausted - self._exhausted:
-            self._log.warning("rate_limit_exhausted", limiter=self.name, period=p.value, shared="redis")
-        for p in self._exhausted - exhausted:
-            self._log.info("rate_limit_available", limiter=self.name, period=p.value, shared="redis")
-        self._exhausted = exhausted
-
-    def _publish(self, now: float) -> None:
-        if self._metrics is None or self.name != "global":
-            return
-        for u in rl.usage(self.state, now):
-            self._metrics.rl_usage.labels(u.period.value).set(u.used)
-            self._metrics.rl_max.labels(u.period.value).set(u.limit)
-            self._metrics.rl_remaining.labels(u.period.value).set(u.remaining)
 
 
 class RedisLeases:
@@ -296,27 +278,22 @@ class RedisLeases:
         return got
 
     async def release(self, task_ids: Sequence[str]) -> None:
-        mine = [t for t in task_ids if t in self.owned]
-        self.owned.difference_update(task_ids)
-        self._lost.difference_update(task_ids)
-        if not mine:
-            return
-        try:
-            await self._shared.call("release", [self._key(t) for t in mine], [self.owner])
-        except RedisUnavailable:
-            pass  # the lease expires by itself after its TTL
+        await self._let_go("release", task_ids)
 
     async def complete(self, task_ids: Sequence[str]) -> None:
         """Reported: the lease becomes a short-lived 'done' marker instead of disappearing,
         so a replica still working through a pending list read before the report cannot
         take the task again (its lease request finds the key taken)."""
+        await self._let_go("complete", task_ids)
+
+    async def _let_go(self, script: str, task_ids: Sequence[str]) -> None:
         mine = [t for t in task_ids if t in self.owned]
         self.owned.difference_update(task_ids)
         self._lost.difference_update(task_ids)
         if not mine:
             return
         try:
-            await self._shared.call("complete", [self._key(t) for t in mine], [self.owner, int(self.ttl * 1000)])
+            await self._shared.call(script, [self._key(t) for t in mine], [self.owner, int(self.ttl * 1000)])
         except RedisUnavailable:
             pass  # the lease expires by itself after its TTL
 
@@ -395,8 +372,6 @@ async def run_with_redis(settings: Settings) -> int:
 
 
 async def print_redis_limits(settings: Settings) -> int:
-    from datetime import UTC, datetime
-
     client = make_client(settings)
     async with client:
         shared = RedisShared(client, prefix=settings.redis_key_prefix)
@@ -409,8 +384,5 @@ async def print_redis_limits(settings: Settings) -> int:
             print(f"processor: redis unavailable: {exc}")
             return 1
     print(f"store: redis  strategy: {settings.rate_limit_strategy.value}  zone: {settings.rate_limit_timezone}")
-    print(f"{'period':<8} {'used':>10} {'limit':>10} {'remaining':>10}  resets at")
-    for u in limiter.usage():
-        resets = datetime.fromtimestamp(u.resets_at, UTC).isoformat(timespec="seconds") if u.resets_at else "-"
-        print(f"{u.period.value:<8} {u.used:>10} {u.limit:>10} {u.remaining:>10}  {resets}")
+    print("\n".join(format_usage(limiter.usage())))
     return 0

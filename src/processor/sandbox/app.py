@@ -28,6 +28,7 @@ import attrs
 import orjson
 import trio
 
+from processor.effects.asgi import lifespan
 from processor.pure.tasks import OBJECT_ID
 
 STATES = ("pending", "in_progress", "succeeded", "failed")
@@ -180,13 +181,8 @@ class SandboxApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]

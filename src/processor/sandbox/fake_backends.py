@@ -18,6 +18,8 @@ import attrs
 import orjson
 import trio
 
+from processor.effects.asgi import lifespan
+
 
 def _vector(model: str, text: str, dim: int) -> list[float]:
     raw = hashlib.shake_256(f"{model}\x00{text}".encode()).digest(dim)
@@ -45,11 +47,8 @@ class FakeEmbeddings:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                await send({"type": msg["type"] + ".complete"})
-                if msg["type"] == "lifespan.shutdown":
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         body = b""

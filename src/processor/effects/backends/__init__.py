@@ -1,5 +1,5 @@
 """Embedding backends behind one interface: embed these texts with this model, in order."""
 
-from processor.effects.backends.base import EmbedError, EmbedErrorKind, EmbeddingBackend, RequestLimits
+from processor.effects.backends.base import EmbeddingBackend, EmbedError, EmbedErrorKind, RequestLimits
 
 __all__ = ["EmbedError", "EmbedErrorKind", "EmbeddingBackend", "RequestLimits"]
