@@ -351,3 +351,44 @@ async def test_daemon_hybrid_routes_by_model_and_falls_back_only_when_asked(sand
     assert ollama.called and oai.called
     sent_to_openai = [t for c in oai.calls for t in json.loads(c.request.content)["input"]]
     assert all(t.startswith("remote") for t in sent_to_openai)  # no silent cross-model fallback
+
+
+@respx.mock
+async def test_daemon_hybrid_unavailable_model_uses_the_fallback_only_when_configured(sandbox, tmp_path, captured_logs):
+    passthrough_sandbox(sandbox)
+    respx.get(f"{OLLAMA}/api/tags").mock(return_value=httpx.Response(200, json={"models": []}))
+    respx.post(f"{OLLAMA}/api/pull").mock(return_value=httpx.Response(200, content=b'{"error":"pull model manifest: file does not exist"}\n'))
+    oai = respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=openai_ok)
+    ids = sandbox.state.seed(6, model="nomic-embed-text")
+    env = dict(PROCESSING_MODE="hybrid", OLLAMA_BASE_URL=OLLAMA, SUPPORTED_MODELS="nomic-embed-text",
+               OPENAI_API_KEY="sk-test-0000000000000000", OPENAI_BASE_URL=OPENAI)
+    # without FALLBACK_MODELS: the start goes on (hybrid) and the model's tasks fail with the reason
+    daemon = Daemon(make_settings(sandbox, tmp_path / "a", **env), handle_signals=False)
+    async with running(daemon):
+        await wait_until(all_done(sandbox.state, 6))
+    assert sandbox.state.by_state() == {"failed": 6} and not oai.called
+    reasons = {p.body.get("error") for p in sandbox.state.patches if p.state == "failed"}
+    assert all("unavailable on Ollama" in r and "file does not exist" in r for r in reasons)
+    # with it: the same tasks go to the named OpenAI model, logged and counted each time
+    for i in ids:
+        sandbox.state.tasks[i]["state"] = "pending"
+        sandbox.state.pending[i] = None
+    daemon = Daemon(make_settings(sandbox, tmp_path / "b", **env, FALLBACK_MODELS='{"nomic-embed-text": "text-embedding-3-small"}'),
+                    handle_signals=False)
+    async with running(daemon):
+        await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) == 6)
+    assert all(json.loads(c.request.content)["model"] == "text-embedding-3-small" for c in oai.calls)
+    assert daemon.metrics.registry.get_sample_value("embedding_fallbacks_total", {"model": "nomic-embed-text", "fallback": "text-embedding-3-small"}) == 6
+    assert any(e["event"] == "model_fallback" for e in captured_logs)
+
+
+async def test_mock_vectors_are_deterministic_unit_length_and_distinct():
+    from processor.effects.backends.mock import MockBackend
+
+    b = MockBackend(1024)
+    one = (await b.embed("m", ["alpha", "beta", "alpha"])).vectors
+    again = (await MockBackend(1024).embed("m", ["alpha"])).vectors
+    other_model = (await b.embed("n", ["alpha"])).vectors
+    assert one[0] == one[2] == again[0] and one[0] != one[1] and one[0] != other_model[0]
+    assert all(len(v) == 1024 and abs(sum(x * x for x in v) - 1.0) < 1e-9 for v in one)
+    assert len((await MockBackend(16).embed("m", ["x"])).vectors[0]) == 16

@@ -161,3 +161,13 @@ def test_env_example_lists_every_setting():
     names |= {f"RATE_LIMIT_PER_{p}" for p in _PERIODS} | {f"OPENAI_RATE_LIMIT_PER_{p}" for p in _PERIODS}
     missing = sorted(n for n in names if f"\n{n}=" not in text and f"# {n}" not in text)
     assert missing == []
+
+
+def test_failure_rate_breaker_settings():
+    from processor.daemon import breaker_config
+
+    s, _ = load(CIRCUIT_BREAKER_FAILURE_RATE="0.5", CIRCUIT_BREAKER_WINDOW="10")
+    cfg = breaker_config(s)
+    assert (cfg.window, cfg.rate_threshold, cfg.min_calls, cfg.threshold) == (10, 0.5, 5, 5)
+    assert breaker_config(load()[0]).window == 0  # off by default: the original's rule only
+    assert "CIRCUIT_BREAKER_FAILURE_RATE" in problems(CIRCUIT_BREAKER_FAILURE_RATE="2")

@@ -102,6 +102,8 @@ class Settings:
     max_task_attempts: int = 5
     request_timeout: float = 30.0
     circuit_breaker_threshold: int = 5
+    circuit_breaker_failure_rate: float = 0.0  # 0: off; else open when this share of the window fails
+    circuit_breaker_window: int = 20
     shutdown_grace_seconds: float = 25.0
 
     metrics_host: str = "0.0.0.0"
@@ -211,6 +213,16 @@ def _float(minimum: float, *, strict: bool = False) -> Callable[[str], float]:
         return x
 
     return parse
+
+
+def _rate(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError("a fraction between 0 and 1 (0 turns it off)") from None
+    if not 0.0 <= x <= 1.0:
+        raise ValueError("a fraction between 0 and 1 (0 turns it off)")
+    return x
 
 
 def _bool(v: str) -> bool:
@@ -323,6 +335,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_TASK_ATTEMPTS": ("max_task_attempts", _int(1)),
     "REQUEST_TIMEOUT": ("request_timeout", _float(0, strict=True)),
     "CIRCUIT_BREAKER_THRESHOLD": ("circuit_breaker_threshold", _int(1)),
+    "CIRCUIT_BREAKER_FAILURE_RATE": ("circuit_breaker_failure_rate", _rate),
+    "CIRCUIT_BREAKER_WINDOW": ("circuit_breaker_window", _int(2)),
     "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _float(0)),
     "METRICS_HOST": ("metrics_host", _nonempty),
     "METRICS_PORT": ("metrics_port", _port),

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import httpx
 import trio
 
@@ -47,6 +48,15 @@ class StartupError(Exception):
     """The daemon cannot start (a model cannot be made available, a store is unusable)."""
 
 
+def breaker_config(settings: Settings) -> BreakerConfig:
+    return BreakerConfig(
+        threshold=settings.circuit_breaker_threshold,
+        window=settings.circuit_breaker_window if settings.circuit_breaker_failure_rate > 0 else 0,
+        rate_threshold=settings.circuit_breaker_failure_rate or 1.0,
+        min_calls=max(1, settings.circuit_breaker_window // 2),
+    )
+
+
 def routing_for(settings: Settings) -> Routing:
     mode = settings.processing_mode
     local = frozenset(settings.supported_models) if mode in (Mode.OLLAMA, Mode.HYBRID) else frozenset()
@@ -70,6 +80,7 @@ def build_backends(settings: Settings, metrics: Metrics) -> dict[Backend, Embedd
             base_url=settings.ollama_base_url, models=settings.supported_models, timeout=settings.ollama_timeout,
             download_timeout=settings.ollama_model_download_timeout, keep_alive=settings.ollama_keep_alive,
             truncate=settings.ollama_truncate, max_batch=settings.max_batch_size, metrics=metrics,
+            strict=mode is Mode.OLLAMA,
         )
     if mode in (Mode.OPENAI, Mode.HYBRID):
         from processor.effects.backends.openai import OpenAIBackend
@@ -230,12 +241,12 @@ class Daemon:
         # The token endpoint may live elsewhere (Ory Network): its own client, env proxies.
         token_http = httpx.AsyncClient(timeout=httpx.Timeout(s.request_timeout), trust_env=True)
         async with http, token_http:
-            api_guard = Guard("task_api", BreakerConfig(threshold=s.circuit_breaker_threshold, base_wait=2.0, max_wait=60.0), metrics=self.metrics, rng=self._rng)
-            token_guard = Guard("token_endpoint", BreakerConfig(threshold=s.circuit_breaker_threshold, base_wait=2.0, max_wait=120.0), metrics=self.metrics, rng=self._rng)
+            api_guard = Guard("task_api", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=60.0), metrics=self.metrics, rng=self._rng)
+            token_guard = Guard("token_endpoint", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=120.0), metrics=self.metrics, rng=self._rng)
             tokens = TokenProvider(token_http, s, metrics=self.metrics, guard=token_guard)
             api = TaskApi(http, s.api_base_url, tokens, metrics=self.metrics, guard=api_guard, concurrency=s.api_concurrency, transport=transport)
             backends = self._backends or build_backends(s, self.metrics)
-            guards = {b: Guard(b.value, BreakerConfig(threshold=s.circuit_breaker_threshold, base_wait=5.0, max_wait=300.0), metrics=self.metrics, rng=self._rng) for b in backends}
+            guards = {b: Guard(b.value, attrs.evolve(breaker_config(s), base_wait=5.0, max_wait=300.0), metrics=self.metrics, rng=self._rng) for b in backends}
             try:
                 journal = JournalStore(s.journal_path)
                 limiter = self._limiter or build_limiter(s, s.rate_limits, s.rate_limit_storage_path, metrics=self.metrics, name="global", clock=self._clock)

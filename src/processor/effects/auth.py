@@ -4,6 +4,7 @@ one refresh at a time however many requests wait for it."""
 from __future__ import annotations
 
 import time
+from urllib.parse import quote
 
 import httpx
 import trio
@@ -90,7 +91,8 @@ class TokenProvider:
             data["scope"] = s.oauth2_scope
         auth = None
         if s.oauth2_auth_method is AuthMethod.BASIC:
-            auth = httpx.BasicAuth(s.oauth2_client_id, s.oauth2_client_secret)
+            # RFC 6749 §2.3.1: id and secret are form-urlencoded before Basic encoding
+            auth = httpx.BasicAuth(quote(s.oauth2_client_id, safe=""), quote(s.oauth2_client_secret, safe=""))
         else:
             data.update(client_id=s.oauth2_client_id, client_secret=s.oauth2_client_secret)
         self.fetches += 1

@@ -45,6 +45,7 @@ class OllamaBackend:
         truncate: bool,
         max_batch: int,
         metrics: Metrics,
+        strict: bool = True,
     ) -> None:
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=10))
         self._models = list(models)
@@ -58,6 +59,7 @@ class OllamaBackend:
         self._locks: dict[str, trio.Lock] = {}
         self._pulled_after_404: set[str] = set()
         self.unavailable: dict[str, str] = {}  # model -> reason
+        self._strict = strict  # ollama mode: a model that cannot be made available stops the start
         self._log = get_logger("ollama")
 
     def limits(self, model: str) -> RequestLimits:
@@ -122,8 +124,17 @@ class OllamaBackend:
 
     # -- start-up: make every configured model available ------------------------------
     async def start(self) -> None:
+        """Make every configured model available. In `ollama` mode a failure is a start-up
+        error; in `hybrid` the model is marked unavailable: its tasks go to FALLBACK_MODELS
+        if configured there, else they fail with the reason."""
         for model in self._models:
-            await self.ensure_model(model)
+            try:
+                await self.ensure_model(model)
+            except ModelUnavailable as exc:
+                if self._strict:
+                    raise
+                self.unavailable[model] = str(exc)
+                self._log.error("ollama_model_unavailable", model=model, error=str(exc))
 
     async def pulled(self) -> set[str]:
         resp = await self._http.get("/api/tags")
