@@ -392,3 +392,15 @@ async def test_mock_vectors_are_deterministic_unit_length_and_distinct():
     assert one[0] == one[2] == again[0] and one[0] != one[1] and one[0] != other_model[0]
     assert all(len(v) == 1024 and abs(sum(x * x for x in v) - 1.0) < 1e-9 for v in one)
     assert len((await MockBackend(16).embed("m", ["x"])).vectors[0]) == 16
+
+
+@respx.mock
+async def test_check_reports_ollama_models_without_pulling():
+    respx.get(f"{OLLAMA}/api/tags").mock(return_value=httpx.Response(200, json={"models": [{"name": "nomic-embed-text:latest"}]}))
+    respx.post(f"{OLLAMA}/api/show").mock(return_value=httpx.Response(200, json=SHOW_OK))
+    pull = respx.post(f"{OLLAMA}/api/pull")
+    b = ollama_backend(models=("nomic-embed-text", "dengcao/Qwen3-Embedding-0.6B:Q8_0"))
+    problems = await b.check_models()
+    await b.aclose()
+    assert problems == ["dengcao/Qwen3-Embedding-0.6B:Q8_0 is not pulled (the daemon pulls it at start; or run `ollama pull dengcao/Qwen3-Embedding-0.6B:Q8_0`)"]
+    assert not pull.called

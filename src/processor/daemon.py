@@ -125,17 +125,16 @@ class Daemon:
         self._grace = settings.shutdown_grace_seconds
         self.started = trio.Event()
         self.shutting_down = False
-        self._redis: Any = None
+        self._work_scope: trio.CancelScope | None = None
 
     # -- control -------------------------------------------------------------------------
     def stop(self, *, immediate: bool = False) -> None:
+        """Begin a graceful shutdown; `immediate` (a second signal) cuts the grace to zero."""
         if immediate:
             self._grace = 0.0
             if self._work_scope is not None:
                 self._work_scope.cancel()
         self._stop_requested.set()
-
-    _work_scope: trio.CancelScope | None = None
 
     # -- health --------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

@@ -136,7 +136,10 @@ async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
         name = f"{b.value} backend"
         try:
             if b.value == "ollama":
-                await adapter.start()
+                problems = await adapter.check_models()
+                if problems:
+                    out.append((name, False, "; ".join(problems)))
+                    continue
                 detail = f"models ready: {', '.join(settings.supported_models)}"
             else:
                 model = settings.default_model if routing.backend_for(settings.default_model) is b else "text-embedding-3-small"

@@ -136,6 +136,25 @@ class OllamaBackend:
                 self.unavailable[model] = str(exc)
                 self._log.error("ollama_model_unavailable", model=model, error=str(exc))
 
+    async def check_models(self) -> list[str]:
+        """Problems with the configured models, without pulling anything (for `check`)."""
+        try:
+            have = await self.pulled()
+        except (httpx.HTTPError, ValueError) as exc:
+            return [f"Ollama at {self._http.base_url} is unreachable ({type(exc).__name__}) — check OLLAMA_BASE_URL"]
+        problems = []
+        for model in self._models:
+            if model not in have and _base_name(model) not in have:
+                problems.append(f"{model} is not pulled (the daemon pulls it at start; or run `ollama pull {model}`)")
+                continue
+            resp = await self._http.post("/api/show", json={"model": model})
+            caps = resp.json().get("capabilities") if resp.status_code == 200 else None
+            if resp.status_code != 200:
+                problems.append(f"{model}: /api/show answered {resp.status_code}")
+            elif isinstance(caps, list) and "embedding" not in caps:
+                problems.append(f"{model} is not an embedding model")
+        return problems
+
     async def pulled(self) -> set[str]:
         resp = await self._http.get("/api/tags")
         resp.raise_for_status()
