@@ -318,12 +318,13 @@ class Daemon:
             pipeline_done.set()
             outer.cancel_scope.cancel()
         # Whatever did not finish: release claims without a result (shielded, bounded).
+        leftover = [tid for tid, h in rt.held.items() if not h.computed]
         with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
-            leftover = [tid for tid, h in rt.held.items() if not h.computed]
             if leftover:
                 await rt.release(leftover, reason="shutdown")
+        not_released = sum(1 for tid in leftover if tid in rt.held)
         kept = sum(1 for h in rt.held.values() if h.computed)
-        self.log.info("shutdown_complete", released=len(rt.held) - kept, outbox_kept=kept)
+        self.log.info("shutdown_complete", released=len(leftover) - not_released, release_failed=not_released, outbox_kept=kept)
 
     async def _reclaim_loop(self, rt: Runtime) -> None:
         s = self.s
