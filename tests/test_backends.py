@@ -404,3 +404,38 @@ async def test_check_reports_ollama_models_without_pulling():
     await b.aclose()
     assert problems == ["dengcao/Qwen3-Embedding-0.6B:Q8_0 is not pulled (the daemon pulls it at start; or run `ollama pull dengcao/Qwen3-Embedding-0.6B:Q8_0`)"]
     assert not pull.called
+
+
+@respx.mock
+async def test_daemon_openai_rate_caps_and_over_long_inputs(sandbox, tmp_path):
+    passthrough_sandbox(sandbox)
+    route = respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=openai_ok)
+    long_cjk = sandbox.state.create({"type": "text_embedding", "content": {"text": "語" * 9000, "model": "text-embedding-3-small"}})["_id"]
+    sandbox.state.seed(12, model="text-embedding-3-small")  # the long one is oldest: in the first admitted group
+    settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="openai", OPENAI_API_KEY="sk-test-0000000000000000", OPENAI_BASE_URL=OPENAI,
+                             RATE_LIMIT_ENABLED="true", OPENAI_RATE_LIMIT_PER_MINUTE="6")
+    daemon = Daemon(settings, handle_signals=False)
+    async with running(daemon):
+        await wait_until(lambda: sum(sandbox.state.by_state().get(k, 0) for k in ("succeeded", "failed")) >= 6)
+        await trio.sleep(1.0)
+        states = sandbox.state.by_state()
+    # OpenAI's own cap: 6 tasks a minute went to OpenAI; the rest wait, pending
+    sent = [t for c in route.calls for t in json.loads(c.request.content)["input"]]
+    assert len(sent) <= 6 and states.get("pending", 0) >= 6 and states.get("in_progress", 0) == 0
+    reason = next(p.body["reason"] for p in sandbox.state.patches if p.task_id == long_cjk and p.state == "failed")
+    assert "too long" in reason and "語" * 10 not in "".join(sent)  # failed with a reason, never sent
+
+
+@respx.mock
+async def test_openai_truncate_sends_over_long_inputs_cut(sandbox, tmp_path):
+    passthrough_sandbox(sandbox)
+    route = respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=openai_ok)
+    tid = sandbox.state.create({"type": "text_embedding", "content": {"text": "語" * 9000, "model": "text-embedding-3-small"}})["_id"]
+    settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="openai", OPENAI_API_KEY="sk-test-0000000000000000", OPENAI_BASE_URL=OPENAI,
+                             OPENAI_TRUNCATE="true")
+    daemon = Daemon(settings, handle_signals=False)
+    async with running(daemon):
+        await wait_until(all_done(sandbox.state, 1))
+    assert sandbox.state.tasks[tid]["state"] == "succeeded"
+    sent = json.loads(route.calls[0].request.content)["input"][0]
+    assert 0 < len(sent) < 9000

@@ -38,9 +38,11 @@ async def test_malformed_entries_fail_with_reasons_and_never_stop_the_others(san
     st = sandbox.state
     for i in good:
         assert st.tasks[i]["state"] == "succeeded" and len(st.tasks[i]["result"]) == 768
-    reasons = {p.task_id: p.body.get("error") for p in st.patches if p.state == "failed"}
+    reasons = {p.task_id: p.body.get("reason") for p in st.patches if p.state == "failed"}
+    assert all(p.body.get("error") == p.body.get("reason") for p in st.patches if p.state == "failed")
     for kind in ("null_content", "number_content", "empty_text", "too_long", "unknown_model"):
         assert st.tasks[bad[kind]]["state"] == "failed", kind
+        assert st.tasks[bad[kind]]["result"] is None  # `result: null` and a reason
         assert reasons[bad[kind]], kind
     assert "not served" in reasons[bad["unknown_model"]]
     assert "10000" in reasons[bad["too_long"]]

@@ -7,6 +7,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+import trio
 
 from processor.effects.limiter import SqliteLimiter
 from processor.effects.metrics import Metrics
@@ -109,3 +110,25 @@ async def test_a_write_failure_admits_nothing_and_marks_the_store_unhealthy(tmp_
     assert not ok and "disk full" in err
     assert a.usage()[0].used == 1  # nothing went through uncounted
     assert metrics.registry.get_sample_value("rate_limit_current_usage", {"period": "minute"}) == 1
+
+
+async def test_daemon_stops_claiming_and_is_not_ready_when_the_store_cannot_be_written(sandbox, tmp_path):
+    from processor.daemon import Daemon
+    from processor.pure.tasks import Backend
+    from tests.conftest import CountingBackend, make_settings, running, wait_until
+
+    sandbox.state.seed(5)
+    settings = make_settings(sandbox, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_DAY="1000")
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    async with running(daemon):
+        await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) == 5)
+        con = sqlite3.connect(settings.rate_limit_storage_path)
+        con.execute("CREATE TRIGGER deny BEFORE UPDATE ON counters BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        con.execute("CREATE TRIGGER deny2 BEFORE INSERT ON counters BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        con.commit()
+        con.close()
+        sandbox.state.seed(5)
+        await wait_until(lambda: any("state store not writable" in r for r in daemon.not_ready_reasons()))
+        await trio.sleep(1.0)
+        assert sandbox.state.by_state() == {"succeeded": 5, "pending": 5}  # nothing went through uncounted
+        assert any("disk is full" in r for r in daemon.not_ready_reasons())

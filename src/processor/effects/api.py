@@ -139,6 +139,9 @@ class TaskApi:
         if include_result:
             body["result"] = result
         if reason is not None:
+            # The contract names no field for it (unknown fields are ignored): send the
+            # reason under both names in use, so that either kind of API keeps it.
+            body["reason"] = reason
             body["error"] = reason
         resp = await self._send("PATCH", f"{TASKS}/{task_id}", TASK_BY_ID, content=orjson.dumps(body))
         try:

@@ -91,8 +91,15 @@ async def embed_batch(rt: Runtime, backend: Backend, model: str, tasks: list[Tas
 def _texts(rt: Runtime, backend: Backend, model: str, tasks: Sequence[Task]) -> list[str]:
     if backend is Backend.OPENAI and rt.s.openai_truncate:
         limit = rt.backends[backend].limits(model).max_input_tokens or 8192
-        return [t.text[: limit * 3] for t in tasks]
+        return [truncate_to_tokens(t.text, limit) for t in tasks]
     return [t.text for t in tasks]
+
+
+def truncate_to_tokens(text: str, tokens: int) -> str:
+    """Cut `text` so that its (conservative) token estimate fits `tokens`."""
+    if estimate_tokens(text) <= tokens:
+        return text
+    return text.encode("utf-8")[: 3 * (tokens - 1)].decode("utf-8", errors="ignore")
 
 
 async def embed_chunk(
