@@ -439,3 +439,18 @@ async def test_openai_truncate_sends_over_long_inputs_cut(sandbox, tmp_path):
     assert sandbox.state.tasks[tid]["state"] == "succeeded"
     sent = json.loads(route.calls[0].request.content)["input"][0]
     assert 0 < len(sent) < 9000
+
+
+@respx.mock
+async def test_daemon_unreachable_backend_releases_and_never_fails_tasks(sandbox, tmp_path):
+    passthrough_sandbox(sandbox)
+    respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=httpx.ConnectError("connection refused"))
+    sandbox.state.seed(8, model="text-embedding-3-small")
+    settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="openai", OPENAI_API_KEY="sk-test-0000000000000000", OPENAI_BASE_URL=OPENAI,
+                             MAX_RETRIES="1", RETRY_MAX_DELAY_SECONDS="0.05", MAX_TASK_ATTEMPTS="1", CIRCUIT_BREAKER_THRESHOLD="50")
+    daemon = Daemon(settings, handle_signals=False)
+    async with running(daemon):
+        await wait_until(lambda: any(p.state == "pending" for p in sandbox.state.patches))
+        await wait_until(lambda: sandbox.state.by_state().get("in_progress", 0) == 0)
+        assert any("openai backend circuit breaker open" in r for r in daemon.not_ready_reasons())
+    assert sandbox.state.by_state() == {"pending": 8}  # even with MAX_TASK_ATTEMPTS=1: never failed

@@ -174,6 +174,12 @@ async def embed_chunk(
             decision = guard.retry_decision(policy, attempt, trio.current_time() - started, rtp.ErrorKind.RETRYABLE, None, kind.value)
             if isinstance(decision, rtp.GiveUp):
                 log.warning("backend_gave_up", error=str(exc), why=decision.reason, size=len(tasks))
+                if exc.unreachable:
+                    # unreachable after retries concerns the backend, never the tasks
+                    guard.force_open()
+                    rt.backend_down[backend] = str(exc)
+                    await rt.release([t.id for t in tasks], reason="backend_unreachable")
+                    return
                 await _transient_give_up(rt, backend, model, tasks, results, f"{exc} ({decision.reason})")
                 return
             log.info("backend_retry", error=str(exc), attempt=attempt + 1, retry_in=round(decision.delay, 3))

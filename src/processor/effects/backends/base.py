@@ -21,12 +21,16 @@ class EmbedErrorKind(enum.Enum):
 class EmbedError(Exception):
     """A backend call failed; `kind` says what the caller should do about it."""
 
-    def __init__(self, message: str, kind: EmbedErrorKind, *, status: int | None = None, retry_after: float | None = None, quota: bool = False) -> None:
+    def __init__(
+        self, message: str, kind: EmbedErrorKind, *, status: int | None = None, retry_after: float | None = None,
+        quota: bool = False, unreachable: bool = False,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.status = status
         self.retry_after = retry_after
-        self.quota = quota
+        self.quota = quota  # 429 insufficient_quota: the account is out of credit
+        self.unreachable = unreachable  # no answer at all: about the backend, never the task
 
 
 @attrs.frozen

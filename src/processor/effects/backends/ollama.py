@@ -88,7 +88,7 @@ class OllamaBackend:
                 raise EmbedError(f"Ollama timed out on a batch of {len(texts)}", EmbedErrorKind.TIMEOUT) from None
             except httpx.HTTPError as exc:
                 self._count(model, "connection_error")
-                raise EmbedError(f"Ollama unreachable: {type(exc).__name__}", EmbedErrorKind.TRANSIENT) from None
+                raise EmbedError(f"Ollama unreachable: {type(exc).__name__}", EmbedErrorKind.TRANSIENT, unreachable=True) from None
         self._count(model, str(resp.status_code) if resp.status_code != 200 else "success")
         if resp.status_code == 200:
             try:

@@ -119,7 +119,7 @@ class OpenAIBackend:
             raise EmbedError("OpenAI request timed out", EmbedErrorKind.TIMEOUT) from None
         except openai.APIConnectionError as exc:
             self._count(model, "connection_error")
-            raise EmbedError(f"OpenAI unreachable: {type(exc.__cause__ or exc).__name__}", EmbedErrorKind.TRANSIENT) from None
+            raise EmbedError(f"OpenAI unreachable: {type(exc.__cause__ or exc).__name__}", EmbedErrorKind.TRANSIENT, unreachable=True) from None
         except openai.APIStatusError as exc:
             self._count(model, str(exc.status_code))
             raise self._classify(exc) from None
