@@ -88,6 +88,8 @@ def record(cfg: BreakerConfig, b: Breaker, now: float, outcome: Outcome) -> Brea
     if outcome is Outcome.IGNORED:
         return b
     failed = outcome is Outcome.FAILURE
+    if not failed and not b.failures and not cfg.window:
+        return b  # the common case: nothing to change
     recent = (b.recent + (failed,))[-cfg.window :] if cfg.window else ()
     failures = b.failures + 1 if failed else 0
     if failed and _trips(cfg, failures, recent):

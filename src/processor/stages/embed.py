@@ -221,7 +221,8 @@ async def fall_back(rt: Runtime, model: str, fallback: str, tasks: list[Task], r
 
 async def _transient_give_up(rt: Runtime, backend: Backend, model: str, tasks: list[Task], results: trio.MemorySendChannel[list[Outcome]], reason: str) -> None:
     """Retries ran out: fail tasks past MAX_TASK_ATTEMPTS, release the rest for later."""
-    failed, again = [], []
+    failed: list[Task] = []
+    again: list[Task] = []
     for t in tasks:
         n = rt.attempts.get(t.id, 0) + 1
         rt.attempts[t.id] = n

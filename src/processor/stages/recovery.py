@@ -31,10 +31,10 @@ async def recover(rt: Runtime) -> None:
     orphans = rt.journal.orphan_claims()
     if orphans:
         log.info("journal_release", count=len(orphans))
-        for row in orphans:
-            h = Held(Task(row.task_id, row.text, row.model, Backend(row.backend), row.created_at), claimed=True)
-            h.reserved_at = row.reserved_at
-            rt.held[row.task_id] = h
+        for claim in orphans:
+            h = Held(Task(claim.task_id, claim.text, claim.model, Backend(claim.backend), claim.created_at), claimed=True)
+            h.reserved_at = claim.reserved_at
+            rt.held[claim.task_id] = h
         await rt.release([r.task_id for r in orphans], reason="recovered_at_start")
     rt.metrics.in_flight.set(len(rt.held))
 
