@@ -97,8 +97,8 @@ async def test_token_expiry_mid_run_fails_nothing(sandbox, tmp_path):
     st = sandbox.state
     assert st.by_state() == {"succeeded": 150}
     assert elapsed > 1.5  # the run outlived several tokens
-    # refreshed at half-life: about one token request per 0.5 s, never one per request
-    assert st.token_requests <= elapsed / 0.5 + 3
+    # one token request per lifetime (1 s), however many requests were waiting; never one per request
+    assert st.token_requests <= elapsed / 0.9 + 2
     unauthorized = sum(n for (route, status), n in st.requests.items() if status == 401)
     assert unauthorized <= st.token_requests * 8  # at most the requests in flight at an expiry
 

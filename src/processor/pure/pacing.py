@@ -29,7 +29,9 @@ def poll_delay(outcome: PollOutcome, interval: float, draw: float) -> float:
 def token_refresh_at(obtained_at: float, expires_in: float | None, leeway: float = TOKEN_LEEWAY) -> float:
     """When a token obtained at `obtained_at` should be replaced.
 
-    `leeway` before expiry, but never before half of its life (short-lived tokens).
+    `leeway` before expiry, or a tenth of its life for short-lived tokens: one token request
+    per lifetime, never a request sent with a token about to expire. (A token revoked early
+    is caught by the 401 path.)
     """
     lifetime = DEFAULT_TOKEN_LIFETIME if expires_in is None or expires_in <= 0 else expires_in
-    return obtained_at + max(lifetime / 2.0, lifetime - leeway)
+    return obtained_at + lifetime - min(leeway, lifetime * 0.1)
