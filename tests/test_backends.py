@@ -177,8 +177,9 @@ async def test_ollama_pull_error_line_is_a_clear_start_up_error():
     respx.get(f"{OLLAMA}/api/tags").mock(return_value=httpx.Response(200, json={"models": [{"name": "other:latest"}]}))
     body = b'{"status":"pulling manifest"}\n{"error":"pull model manifest: file does not exist"}\n'
     respx.post(f"{OLLAMA}/api/pull").mock(return_value=httpx.Response(200, content=body))
+    respx.post(f"{OLLAMA}/api/embed").mock(return_value=httpx.Response(404, json={"error": 'model "nomic-embed-text" not found, try pulling it first'}))
     b = ollama_backend()
-    with pytest.raises(ModelUnavailable, match="file does not exist"):
+    with pytest.raises(ModelUnavailable, match="file does not exist.*probe embedding failed"):
         await b.start()
     await b.aclose()
 
@@ -325,6 +326,7 @@ async def test_daemon_ollama_mode_model_that_cannot_be_pulled_is_a_start_up_erro
     passthrough_sandbox(sandbox)
     respx.get(f"{OLLAMA}/api/tags").mock(return_value=httpx.Response(200, json={"models": []}))
     respx.post(f"{OLLAMA}/api/pull").mock(return_value=httpx.Response(200, content=b'{"error":"pull model manifest: file does not exist"}\n'))
+    respx.post(f"{OLLAMA}/api/embed").mock(return_value=httpx.Response(404, json={"error": 'model "nomic-embed-text" not found'}))
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="ollama", OLLAMA_BASE_URL=OLLAMA, SUPPORTED_MODELS="nomic-embed-text")
     daemon = Daemon(settings, handle_signals=False)
     with pytest.raises(StartupError, match="file does not exist"):
@@ -358,6 +360,7 @@ async def test_daemon_hybrid_unavailable_model_uses_the_fallback_only_when_confi
     passthrough_sandbox(sandbox)
     respx.get(f"{OLLAMA}/api/tags").mock(return_value=httpx.Response(200, json={"models": []}))
     respx.post(f"{OLLAMA}/api/pull").mock(return_value=httpx.Response(200, content=b'{"error":"pull model manifest: file does not exist"}\n'))
+    respx.post(f"{OLLAMA}/api/embed").mock(return_value=httpx.Response(404, json={"error": 'model "nomic-embed-text" not found'}))
     oai = respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=openai_ok)
     ids = sandbox.state.seed(6, model="nomic-embed-text")
     env = dict(PROCESSING_MODE="hybrid", OLLAMA_BASE_URL=OLLAMA, SUPPORTED_MODELS="nomic-embed-text",
@@ -454,3 +457,39 @@ async def test_daemon_unreachable_backend_releases_and_never_fails_tasks(sandbox
         await wait_until(lambda: sandbox.state.by_state().get("in_progress", 0) == 0)
         assert any("openai backend circuit breaker open" in r for r in daemon.not_ready_reasons())
     assert sandbox.state.by_state() == {"pending": 8}  # even with MAX_TASK_ATTEMPTS=1: never failed
+
+
+@respx.mock
+async def test_ollama_without_tags_or_show_is_confirmed_by_a_probe_embedding():
+    """A proxy or an older server: no /api/tags, no /api/show, but /api/embed works."""
+    respx.get(f"{OLLAMA}/api/tags").mock(return_value=httpx.Response(404, text="404 page not found"))
+    respx.post(f"{OLLAMA}/api/show").mock(return_value=httpx.Response(404, text="404 page not found"))
+    respx.post(f"{OLLAMA}/api/embed").mock(side_effect=ollama_embed_ok)
+    b = ollama_backend()
+    await b.start()
+    await b.aclose()
+    assert b.expected_dim("nomic-embed-text") == 768
+
+
+async def test_ollama_start_waits_for_a_server_that_is_still_starting(nursery):
+    """Connection refused at first: the start waits (with backoff) instead of failing."""
+    import socket
+
+    from processor.sandbox import serve_asgi
+    from processor.sandbox.fake_backends import FakeBackendState, FakeEmbeddings
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    b = OllamaBackend(base_url=f"http://127.0.0.1:{port}", models=["nomic-embed-text"], timeout=5, download_timeout=30,
+                      keep_alive="5m", truncate=True, max_batch=8, metrics=Metrics())
+    stop = trio.Event()
+
+    async def start_server_later():
+        await trio.sleep(1.2)
+        await nursery.start(lambda task_status: serve_asgi(FakeEmbeddings(FakeBackendState(dim=768)), "127.0.0.1", port, shutdown=stop, task_status=task_status))
+
+    nursery.start_soon(start_server_later)
+    await b.start()
+    await b.aclose()
+    stop.set()
+    assert b.expected_dim("nomic-embed-text") == 768

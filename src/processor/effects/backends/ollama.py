@@ -21,6 +21,7 @@ from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
 
 PER_INPUT_TIMEOUT = 1.0  # seconds added to OLLAMA_TIMEOUT per input of a batch
+STARTUP_WAIT = 60.0  # how long the start waits for an Ollama that is not answering yet
 
 
 class ModelUnavailable(Exception):
@@ -165,20 +166,43 @@ class OllamaBackend:
                     names.add(m[key])
         return names
 
+    async def _wait_until_reachable(self) -> set[str] | None:
+        """The pulled models, waiting (with backoff) for an Ollama that is still starting.
+
+        None when the server answers but has no usable `/api/tags` (a proxy or an older
+        server): the model is then confirmed by embedding a probe instead.
+        """
+        deadline = trio.current_time() + min(self._download_timeout, STARTUP_WAIT)
+        delay = 0.5
+        while True:
+            try:
+                return await self.pulled()
+            except httpx.HTTPStatusError:
+                return None
+            except (httpx.HTTPError, ValueError) as exc:
+                if trio.current_time() + delay > deadline:
+                    raise ModelUnavailable(
+                        f"Ollama at {self._http.base_url} is unreachable ({type(exc).__name__}) — check OLLAMA_BASE_URL"
+                    ) from None
+                self._log.warning("ollama_waiting", url=str(self._http.base_url), error=type(exc).__name__, retry_in=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
     async def ensure_model(self, model: str) -> int:
         """Pull `model` if missing, check it embeds, learn its vector size."""
-        try:
-            have = await self.pulled()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise ModelUnavailable(f"Ollama at {self._http.base_url} is unreachable ({type(exc).__name__})") from None
-        if model not in have and _base_name(model) not in have:
-            await self.pull(model)
+        have = await self._wait_until_reachable()
+        if have is not None and model not in have and _base_name(model) not in have:
+            try:
+                await self.pull(model)
+            except ModelUnavailable as exc:
+                return await self._probe_embed(model, str(exc))
         try:
             resp = await self._http.post("/api/show", json={"model": model})
         except httpx.HTTPError as exc:
             raise ModelUnavailable(f"/api/show failed ({type(exc).__name__})") from None
         if resp.status_code != 200:
-            raise ModelUnavailable(f"/api/show answered {resp.status_code}: {_error_text(resp)}")
+            # no usable /api/show: an embedding that works is proof enough
+            return await self._probe_embed(model, f"/api/show answered {resp.status_code}: {_error_text(resp)}")
         info = resp.json()
         caps = info.get("capabilities")
         if isinstance(caps, list) and "embedding" not in caps:
@@ -189,6 +213,19 @@ class OllamaBackend:
         self.unavailable.pop(model, None)
         self._log.info("ollama_model_ready", model=model, dimensions=dim)
         return dim or 0
+
+    async def _probe_embed(self, model: str, why: str) -> int:
+        self._pulled_after_404.add(model)  # the probe's own 404 must not start another pull
+        try:
+            res = await self.embed(model, ["probe"])
+        except EmbedError as exc:
+            raise ModelUnavailable(f"{why}; a probe embedding failed too: {exc}") from None
+        dim = len(res.vectors[0]) if res.vectors and isinstance(res.vectors[0], list) else 0
+        if dim:
+            self._dims[model] = dim
+        self.unavailable.pop(model, None)
+        self._log.warning("ollama_model_confirmed_by_probe", model=model, dimensions=dim, why=why)
+        return dim
 
     async def pull(self, model: str) -> None:
         self._log.info("ollama_pull_started", model=model)
