@@ -104,8 +104,24 @@ def test_limits_reads_the_store(tmp_path):
 def test_start_up_error_exits_1_with_a_clear_line_and_no_traceback(tmp_path):
     env = {"API_BASE_URL": "http://127.0.0.1:9", "OAUTH2_TOKEN_URL": "http://127.0.0.1:9/t", "OAUTH2_CLIENT_ID": "a",
            "OAUTH2_CLIENT_SECRET": "b", "PROCESSING_MODE": "ollama", "OLLAMA_BASE_URL": "http://127.0.0.1:9",
+           "OLLAMA_MODEL_DOWNLOAD_TIMEOUT": "2",  # also bounds the wait for an Ollama that is not up
            "STATE_DIR": str(tmp_path), "METRICS_PORT": "0"}
     r = run("run", env=env)
     assert r.returncode == 1
     assert "startup_failed" in r.stdout and "unreachable" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_metrics_port_in_use_is_a_clear_start_up_error(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {"API_BASE_URL": "http://127.0.0.1:9", "OAUTH2_TOKEN_URL": "http://127.0.0.1:9/t", "OAUTH2_CLIENT_ID": "a",
+               "OAUTH2_CLIENT_SECRET": "b", "PROCESSING_MODE": "mock", "STATE_DIR": str(tmp_path),
+               "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(port)}
+        r = run("run", env=env)
+    assert r.returncode == 1 and "METRICS_PORT" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr

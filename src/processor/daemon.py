@@ -48,6 +48,18 @@ class StartupError(Exception):
     """The daemon cannot start (a model cannot be made available, a store is unusable)."""
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside `exc` (hypercorn raises binding errors from its own nursery)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _os_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def breaker_config(settings: Settings) -> BreakerConfig:
     return BreakerConfig(
         threshold=settings.circuit_breaker_threshold,
@@ -202,21 +214,30 @@ class Daemon:
         s = self.s
         startup_error: StartupError | None = None
         async with trio.open_nursery() as services:
-            if self._serve_health:
-                app = HealthApp(self.metrics.registry, self.health, self.not_ready_reasons)
-                self._health_stop = trio.Event()
-                self.health_url = await services.start(
-                    lambda task_status: serve_asgi(app, s.metrics_host, s.metrics_port, shutdown=self._health_stop, task_status=task_status)
-                )
-                self.log.info("health_server_started", url=self.health_url)
-            if self._handle_signals:
-                await services.start(self._watch_signals)
             try:
+                if self._serve_health:
+                    app = HealthApp(self.metrics.registry, self.health, self.not_ready_reasons)
+                    self._health_stop = trio.Event()
+                    try:
+                        self.health_url = await services.start(
+                            lambda task_status: serve_asgi(app, s.metrics_host, s.metrics_port, shutdown=self._health_stop, task_status=task_status)
+                        )
+                    except (OSError, BaseExceptionGroup) as exc:
+                        err = _os_error(exc)
+                        if err is None:
+                            raise
+                        raise StartupError(
+                            f"cannot serve /health and /metrics on {s.metrics_host}:{s.metrics_port}: {err.strerror or err}"
+                            " — set METRICS_PORT (or METRICS_HOST)"
+                        ) from None
+                    self.log.info("health_server_started", url=self.health_url)
+                if self._handle_signals:
+                    await services.start(self._watch_signals)
                 await self._run_pipeline()
             except StartupError as exc:
                 startup_error = exc  # raised below, outside the nursery: no exception group
             finally:
-                if self._serve_health:
+                if self._serve_health and hasattr(self, "_health_stop"):
                     self._health_stop.set()
                 services.cancel_scope.cancel()
         if startup_error is not None:
