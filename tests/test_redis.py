@@ -266,3 +266,23 @@ async def test_leases_are_exclusive_renewed_and_marked_done():
             assert b.lost() == {"t2"}
         finally:
             await cleanup(REDIS, prefix)
+
+
+async def test_limits_command_reads_the_shared_counters(tmp_path):
+    prefix = f"lim-{uuid.uuid4().hex[:8]}"
+    client = coredis.Redis.from_url(REDIS, decode_responses=True)
+    async with client:
+        limiter = RedisLimiter(RedisShared(client, prefix=prefix), {rl.Period.MINUTE: 20, rl.Period.DAY: 500},
+                               strategy=rl.Strategy.ROLLING, tz_name="UTC", metrics=None)
+        assert (await limiter.admit(7)).admitted == 7
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    env.update({"API_BASE_URL": "http://127.0.0.1:9", "OAUTH2_TOKEN_URL": "http://127.0.0.1:9/t", "OAUTH2_CLIENT_ID": "a",
+                "OAUTH2_CLIENT_SECRET": "b", "PROCESSING_MODE": "mock", "STATE_DIR": str(tmp_path), "STATE_BACKEND": "redis",
+                "REDIS_URL": REDIS, "REDIS_KEY_PREFIX": prefix, "RATE_LIMIT_PER_MINUTE": "20", "RATE_LIMIT_PER_DAY": "500"})
+    try:
+        r = subprocess.run([sys.executable, "-m", "processor", "limits"], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        await cleanup(REDIS, prefix)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split()[1:4] for line in r.stdout.splitlines()[2:]}
+    assert rows["minute"] == ["7", "20", "13"] and rows["day"] == ["7", "500", "493"]
