@@ -51,6 +51,9 @@ async def test_metrics_health_and_ready(sandbox, tmp_path):
         assert f"# TYPE {name}" in metrics or f"# TYPE {name.removesuffix('_total')}" in metrics, name
     assert 'ai_tasks_processed_total{status="succeeded",task_type="text_embedding"} 61.0' in metrics
     assert 'rate_limit_current_usage{period="hour"} 61.0' in metrics
+    for stage in ("taken", "claimed", "computed"):
+        assert f'processor_stage_tasks_total{{stage="{stage}"}} 61.0' in metrics, stage
+    assert 'processor_stage_tasks_total{stage="reported"} 65.0' in metrics  # + 4 rejections reported failed
     # label cardinality stays bounded: endpoints are templates, never ids
     endpoints = set(re.findall(r'endpoint="([^"]*)"', metrics))
     assert endpoints <= {"/api/ai-tasks/pending", "/api/ai-tasks/:id", "/api/ai-tasks"}

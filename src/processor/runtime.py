@@ -243,6 +243,7 @@ class Runtime:
         ids = [o.task_id for o in outcomes]
         await self.journal.finish(ids)
         await self.leases.complete(ids)
+        self.metrics.stage_tasks.labels("reported").inc(len(ids))
         now = trio.current_time()
         wall = self.wall()
         for o in outcomes:

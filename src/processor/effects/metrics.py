@@ -62,6 +62,9 @@ class Metrics:
             "embedding_requests_total", "Backend requests by backend, model and outcome",
             ["backend", "model", "outcome"], registry=r,
         )
+        self.stage_tasks = Counter(
+            "processor_stage_tasks_total", "Tasks through each stage of the data path", ["stage"], registry=r
+        )
         self.channel_depth = Gauge("processor_channel_depth", "Items waiting between stages", ["channel"], registry=r)
         self.backlog = Gauge("ai_tasks_pending_backlog", "Pending entries read at the last poll (a lower bound when the read stopped early)", registry=r)
         self.last_poll_success = Gauge("ai_tasks_last_successful_poll_timestamp_seconds", "Wall time of the last successful poll", registry=r)

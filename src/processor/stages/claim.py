@@ -149,6 +149,7 @@ async def claim_one(rt: Runtime, task: Task, claimed: trio.MemorySendChannel[Tas
             return
         held.claimed = True
         held.claimed_at = trio.current_time()
+        rt.metrics.stage_tasks.labels("claimed").inc()
         if task.created_at is not None:
             rt.metrics.pickup_age.observe(max(0.0, rt.wall() - task.created_at))
         await claimed.send(task)

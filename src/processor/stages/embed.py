@@ -249,4 +249,6 @@ async def deliver(rt: Runtime, results: trio.MemorySendChannel[list[Outcome]], o
     if not outcomes:
         return
     await rt.store_outcomes(outcomes)
+    rt.metrics.stage_tasks.labels("computed").inc(len(outcomes))
+    rt.metrics.channel_depth.labels("results").set(results.statistics().current_buffer_used)
     await results.send(outcomes)

@@ -104,4 +104,6 @@ async def poll_once(
                     rt.metrics.skipped.labels(parsed.type).inc()
                     log.info("task_skipped", task_id=parsed.id, type=parsed.type, why="type not handled by this processor; left pending")
     rt.metrics.backlog.set(seen)
+    if new:
+        rt.metrics.stage_tasks.labels("taken").inc(new)
     return new, seen
