@@ -184,3 +184,18 @@ async def test_sigkill_then_restart_delivers_the_outbox_and_releases_the_rest(sa
     for t in st.tasks.values():  # the delivered vectors are the ones computed (deterministic mock)
         assert t["result"] == mock_vector("nomic-embed-text", t["content"], 1024)
     assert _outbox_rows(tmp_path / "state") == 0
+
+
+async def test_claims_refused_by_the_api_back_off_instead_of_looping(sandbox, tmp_path):
+    """403 on every claim (e.g. a token without the write scope): no hot loop, nothing lost."""
+    sandbox.state.seed(5)
+    sandbox.state.faults["patch"] = Fault(status=403, only_state="in_progress")
+    settings = make_settings(sandbox, tmp_path, RETRY_MAX_DELAY_SECONDS="2")
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    async with running(daemon):
+        await trio.sleep(3)
+        refused = sum(n for (route, status), n in sandbox.state.requests.items() if route == "patch" and status == 403)
+        assert 5 <= refused <= 60  # a few rounds with growing pauses, not thousands
+        del sandbox.state.faults["patch"]
+        await wait_until(all_done(sandbox.state, 5), timeout=30)
+    assert sandbox.state.by_state() == {"succeeded": 5}

@@ -97,6 +97,7 @@ class Runtime:
         self.stopping = trio.Event()
         self.room = trio.Event()  # set when held tasks drop below the low-water mark
         self.admission_paused_until = 0.0  # trio time; the limiter said nothing fits before
+        self.claim_failures = 0  # consecutive claim PATCHes that failed (back-off)
         self.outbox_oldest: dict[str, float] = {}  # task id -> when its result was stored
         self.last_poll_ok: float | None = None  # trio time
         self.started_at = trio.current_time()

@@ -149,6 +149,7 @@ async def claim_one(rt: Runtime, task: Task, claimed: trio.MemorySendChannel[Tas
             return
         held.claimed = True
         held.claimed_at = trio.current_time()
+        rt.claim_failures = 0
         rt.metrics.stage_tasks.labels("claimed").inc()
         if task.created_at is not None:
             rt.metrics.pickup_age.observe(max(0.0, rt.wall() - task.created_at))
@@ -173,4 +174,7 @@ async def _claim_failed(rt: Runtime, task: Task, exc: ApiError) -> None:
         await rt.journal.remove_claims([task.id])
     await rt.leases.release([task.id])
     rt.unhold(task.id, finished=exc.status == 404)
+    if exc.status != 404:  # e.g. 403 on every claim: back off instead of re-polling at once
+        rt.claim_failures += 1
+        _pause(rt, min(rt.s.retry_max_delay_seconds, 0.1 * 2 ** min(rt.claim_failures, 10)))
     rt.log.warning("claim_failed", task_id=task.id, status=exc.status, error=str(exc))
