@@ -22,7 +22,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processor.effects.redis_state import RedisLeases, RedisLimiter, RedisShared
+from processor.effects.redis_state import RedisLeases, RedisLimiter, RedisShared, RedisUnavailable
 from processor.pure import ratelimit as rl
 from processor.sandbox import serve_asgi
 from processor.sandbox.fake_backends import FakeBackendState, FakeEmbeddings
@@ -286,3 +286,22 @@ async def test_limits_command_reads_the_shared_counters(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line.split()[1:4] for line in r.stdout.splitlines()[2:]}
     assert rows["minute"] == ["7", "20", "13"] and rows["day"] == ["7", "500", "493"]
+
+
+async def test_readiness_returns_with_redis_even_without_work(own_redis):
+    port, holder, start = own_redis
+    client = coredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", decode_responses=True)
+    async with client:
+        shared = RedisShared(client, prefix="watch")
+        holder["proc"].terminate()
+        holder["proc"].wait()
+        with pytest.raises(RedisUnavailable):
+            await shared.now()
+        assert shared.unavailable
+        async with trio.open_nursery() as n:
+            n.start_soon(shared.watch)
+            holder["proc"] = start()
+            with trio.fail_after(15):
+                while shared.unavailable:
+                    await trio.sleep(0.1)
+            n.cancel_scope.cancel()

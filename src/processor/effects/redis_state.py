@@ -162,6 +162,20 @@ class RedisShared:
             self.unavailable = None
         return out
 
+    async def watch(self) -> None:
+        """While Redis is marked unavailable, ask it for the time every few seconds, so that
+        readiness comes back as soon as Redis does, even when no work needs it."""
+        delay = 0.5
+        while True:
+            await trio.sleep(delay)
+            if self.unavailable is None:
+                delay = 0.5
+                continue
+            try:
+                await self.now()
+            except RedisUnavailable:
+                delay = min(delay * 2, 5.0)
+
     async def now(self) -> float:
         sec, usec = await self.call("time", [], [])
         return int(sec) + int(usec) / 1e6
@@ -366,6 +380,7 @@ async def run_with_redis(settings: Settings) -> int:
         daemon = Daemon(settings, metrics=metrics, limiter=limiter, openai_limiter=openai_limiter, leases=leases)
         async with trio.open_nursery() as n:
             n.start_soon(leases.renew_forever)
+            n.start_soon(shared.watch)
             code = await daemon.run()
             n.cancel_scope.cancel()
         return code
