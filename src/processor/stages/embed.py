@@ -230,7 +230,8 @@ async def _transient_give_up(rt: Runtime, backend: Backend, model: str, tasks: l
     if failed:
         await deliver(rt, results, [Outcome(t.id, "failed", None, f"gave up after {rt.s.max_task_attempts} attempts: {reason}", t.created_at) for t in failed])
     if again:
-        await rt.release([t.id for t in again], reason="transient_failure")
+        # they reached the backend (which may have done the work): their units stay spent
+        await rt.release([t.id for t in again], reason="transient_failure", refund=False)
 
 
 async def deliver(rt: Runtime, results: trio.MemorySendChannel[list[Outcome]], outcomes: list[Outcome]) -> None:
