@@ -106,6 +106,7 @@ async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
     from processor.daemon import build_backends, routing_for
     from processor.effects.api import ApiError, TaskApi
     from processor.effects.auth import TokenError, TokenProvider
+    from processor.effects.backends.ollama import OllamaBackend
     from processor.effects.guard import Guard
     from processor.effects.metrics import Metrics
     from processor.pure.breaker import BreakerConfig
@@ -135,7 +136,7 @@ async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
     for b, adapter in backends.items():
         name = f"{b.value} backend"
         try:
-            if b.value == "ollama":
+            if isinstance(adapter, OllamaBackend):
                 problems = await adapter.check_models()
                 if problems:
                     out.append((name, False, "; ".join(problems)))

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -170,13 +170,16 @@ class TaskApi:
         resp = await self._send("GET", path, template, stream=True)
         try:
             await self._raise_for(resp, f"GET {template}")
-            async with aclosing(_items(resp, template)) as items:
+            items = _items(resp, template)
+            try:
                 yield items
+            finally:
+                await items.aclose()
         finally:
             await resp.aclose()
 
 
-async def _items(resp: httpx.Response, what: str) -> AsyncIterator[Any]:
+async def _items(resp: httpx.Response, what: str) -> AsyncGenerator[Any, None]:
     events = ijson.sendable_list()
     coro = ijson.items_coro(events, "item", use_float=True)
     try:

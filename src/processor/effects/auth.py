@@ -89,7 +89,7 @@ class TokenProvider:
         data = {"grant_type": "client_credentials"}
         if s.oauth2_scope:
             data["scope"] = s.oauth2_scope
-        auth = None
+        auth: httpx.Auth | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT
         if s.oauth2_auth_method is AuthMethod.BASIC:
             # RFC 6749 §2.3.1: id and secret are form-urlencoded before Basic encoding
             auth = httpx.BasicAuth(quote(s.oauth2_client_id, safe=""), quote(s.oauth2_client_secret, safe=""))

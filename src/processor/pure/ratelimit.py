@@ -126,11 +126,11 @@ def calendar_period(period: Period, now: float, tz: tzinfo) -> tuple[float, floa
     whole = math.floor(now)  # integer arithmetic: no float drift at period edges
     local = datetime.fromtimestamp(whole, tz)
     if period is Period.MINUTE:
-        start = whole - local.second
-        return float(start), float(start + 60)
+        first = whole - local.second
+        return float(first), float(first + 60)
     if period is Period.HOUR:
-        start = whole - (local.minute * 60 + local.second)
-        return float(start), float(start + 3_600)
+        first = whole - (local.minute * 60 + local.second)
+        return float(first), float(first + 3_600)
     if period is Period.DAY:
         day = local.date()
         nxt = day + timedelta(days=1)
@@ -140,8 +140,8 @@ def calendar_period(period: Period, now: float, tz: tzinfo) -> tuple[float, floa
     else:
         day = local.date().replace(day=1)
         nxt = (day.replace(year=day.year + 1, month=1) if day.month == 12 else day.replace(month=day.month + 1))
-    start = datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()
-    end = datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz).timestamp()
+    start: float = datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()
+    end: float = datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz).timestamp()
     if not start <= now < end:  # a zone whose midnight does not exist: fall back to local dates
         start = min(start, now)
         end = max(end, now + 1)

@@ -119,6 +119,8 @@ def parse_entry(raw: Any, routing: Routing, handled_types: Container[str] = (TEX
     content = raw.get("content")
     if content is None:
         return Rejected(raw_id, RejectReason.MISSING_CONTENT, "content is missing or null")
+    text: Any
+    model: Any
     if isinstance(content, str):
         text, model = content, routing.default_model
     elif isinstance(content, dict):

@@ -14,6 +14,7 @@ Errors are sorted by whom they concern:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import trio
 
@@ -60,7 +61,7 @@ async def batcher(rt: Runtime, claimed: trio.MemoryReceiveChannel[Task], batches
 async def embed_worker(rt: Runtime, batches: trio.MemoryReceiveChannel[batching.Batch[Task]], results: trio.MemorySendChannel[list[Outcome]]) -> None:
     async with batches, results:
         async for batch in batches:
-            backend, model = batch.key  # type: ignore[misc]
+            backend, model = cast(tuple[Backend, str], batch.key)
             if rt.stopping.is_set():
                 # shutting down: batches already at a backend finish; queued ones go back
                 await rt.release([t.id for t in batch.items], reason="shutdown")

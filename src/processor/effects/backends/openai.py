@@ -13,7 +13,7 @@ import binascii
 import re
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import httpx
 import openai
@@ -33,7 +33,7 @@ _RESET = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\
 def accepts_dimensions(model: str) -> bool:
     """`dimensions` is accepted by text-embedding-3-* and later models only."""
     m = _DIMENSIONS_MODELS.match(model)
-    return bool(m) and int(m.group(1)) >= 3
+    return m is not None and int(m.group(1)) >= 3
 
 
 def parse_reset(value: str | None) -> float | None:
@@ -86,7 +86,7 @@ class OpenAIBackend:
             timeout=timeout,
             # Our own httpx client (not httpx2): one HTTP library in the process, proxies and
             # CA variables honoured, and respx can stand in for OpenAI in tests.
-            http_client=httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=32)),
+            http_client=httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=32)),  # type: ignore[arg-type]
         )
         self._dimensions = dimensions
         self._timeout = timeout
@@ -108,11 +108,11 @@ class OpenAIBackend:
     async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
         if trio.current_time() < self._pace_until:
             await trio.sleep_until(self._pace_until)
-        kwargs = {"dimensions": self._dimensions} if accepts_dimensions(model) else {}
         timeout = self._timeout + 0.05 * len(texts)
         try:
             raw = await self._client.embeddings.with_raw_response.create(
-                model=model, input=list(texts), encoding_format="base64", timeout=timeout, **kwargs
+                model=model, input=list(texts), encoding_format="base64", timeout=timeout,
+                dimensions=self._dimensions if accepts_dimensions(model) else openai.omit,
             )
         except openai.APITimeoutError:
             self._count(model, "timeout")
@@ -137,7 +137,7 @@ class OpenAIBackend:
     def _count(self, model: str, status: str) -> None:
         self._metrics.openai_requests.labels(model, status).inc()
 
-    def _pace(self, headers: httpx.Headers) -> None:
+    def _pace(self, headers: Mapping[str, str]) -> None:
         """Slow down before a 429: when a budget is nearly spent, wait for its reset."""
         for kind in ("requests", "tokens"):
             remaining, limit = headers.get(f"x-ratelimit-remaining-{kind}"), headers.get(f"x-ratelimit-limit-{kind}")
