@@ -288,37 +288,29 @@ async def test_daemon_honours_retry_after_without_tripping_the_breaker(sandbox, 
     assert sandbox.state.by_state() == {"succeeded": 10}
 
 
+@pytest.mark.parametrize(
+    ("status", "error", "reason"),
+    [
+        (429, {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}, "quota exhausted"),
+        (401, {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}, "openai backend circuit breaker open"),
+        (403, {"message": "Country, region, or territory not supported", "type": "request_forbidden", "code": None}, "openai backend circuit breaker open"),
+    ],
+)
 @respx.mock
-async def test_daemon_quota_exhausted_releases_claims_and_goes_not_ready(sandbox, tmp_path):
+async def test_daemon_whole_backend_errors_release_claims_and_never_fail_tasks(sandbox, tmp_path, status, error, reason):
     passthrough_sandbox(sandbox)
-    respx.post(f"{OPENAI}/v1/embeddings").mock(return_value=httpx.Response(
-        429, json={"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}}))
+    respx.post(f"{OPENAI}/v1/embeddings").mock(return_value=httpx.Response(status, json={"error": error}))
     sandbox.state.seed(10)
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="openai", OPENAI_API_KEY="sk-test-0000000000000000", OPENAI_BASE_URL=OPENAI)
     daemon = Daemon(settings, handle_signals=False)
     async with running(daemon):
         await wait_until(lambda: any(p.state == "pending" for p in sandbox.state.patches))
         await wait_until(lambda: sandbox.state.by_state().get("in_progress", 0) == 0)
-        reasons = daemon.not_ready_reasons()
-        assert any("quota exhausted" in r for r in reasons)
-        assert daemon.metrics.registry.get_sample_value("embedding_quota_exhausted", {"backend": "openai"}) == 1
-        await trio.sleep(0.5)
-    assert sandbox.state.by_state() == {"pending": 10}  # never failed: the tasks wait for credit
-
-
-@respx.mock
-async def test_daemon_bad_key_never_fails_tasks(sandbox, tmp_path):
-    passthrough_sandbox(sandbox)
-    respx.post(f"{OPENAI}/v1/embeddings").mock(return_value=httpx.Response(
-        401, json={"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}}))
-    sandbox.state.seed(5)
-    settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="openai", OPENAI_API_KEY="sk-test-0000000000000000", OPENAI_BASE_URL=OPENAI)
-    daemon = Daemon(settings, handle_signals=False)
-    async with running(daemon):
-        await wait_until(lambda: any(p.state == "pending" for p in sandbox.state.patches))
-        await wait_until(lambda: sandbox.state.by_state().get("in_progress", 0) == 0)
-        assert any("openai backend circuit breaker open" in r for r in daemon.not_ready_reasons())
-    assert sandbox.state.by_state() == {"pending": 5}
+        assert any(reason in r for r in daemon.not_ready_reasons())
+        quota = daemon.metrics.registry.get_sample_value("embedding_quota_exhausted", {"backend": "openai"})
+        assert quota == (1 if status == 429 else None)
+        await trio.sleep(0.5)  # and no claiming while the backend is down
+    assert sandbox.state.by_state() == {"pending": 10}  # never failed: the tasks wait for the backend
 
 
 @respx.mock
