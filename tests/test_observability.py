@@ -12,6 +12,7 @@ import trio
 from processor.daemon import Daemon
 from processor.effects.logs import Redactor, configure_logging
 from processor.pure.tasks import Backend
+from processor.sandbox import Fault
 from tests.conftest import CountingBackend, all_done, make_settings, running, wait_until
 
 KEPT_NAMES = [
@@ -61,7 +62,7 @@ async def test_metrics_health_and_ready(sandbox, tmp_path):
 
 
 async def test_ready_is_503_with_reasons_before_the_api_answers_and_while_stopping(sandbox, tmp_path):
-    sandbox.state.faults["*"] = __import__("processor.sandbox", fromlist=["Fault"]).Fault(status=503)
+    sandbox.state.faults["*"] = Fault(status=503)
     settings = make_settings(sandbox, tmp_path)
     daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
     async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:

@@ -479,12 +479,3 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     return _converter.structure(values, Settings), warnings
-
-
-def describe(settings: Settings) -> dict[str, Any]:
-    """A secret-free view of the settings (for `check` and logs)."""
-    data = _converter.unstructure(settings)
-    data["openai_api_key"] = "***" if settings.openai_api_key else None
-    data["oauth2_client_secret"] = "***" if settings.oauth2_client_secret else ""
-    data["redis_url"] = mask_url_password(settings.redis_url)
-    return data

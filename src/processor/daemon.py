@@ -48,6 +48,13 @@ class StartupError(Exception):
     """The daemon cannot start (a model cannot be made available, a store is unusable)."""
 
 
+def _tiers(limiter: Limiter) -> list[dict[str, Any]]:
+    return [
+        {"period": u.period.value, "used": u.used, "limit": u.limit, "remaining": u.remaining, "resets_at": u.resets_at}
+        for u in limiter.usage()
+    ]
+
+
 def _os_error(exc: BaseException) -> OSError | None:
     """The OSError inside `exc` (hypercorn raises binding errors from its own nursery)."""
     if isinstance(exc, OSError):
@@ -160,14 +167,8 @@ class Daemon:
             "mode": self.s.processing_mode.value,
             "token": {"obtained": rt.tokens.has_token, "last_error": rt.tokens.last_error},
             "breakers": {g.name: g.state.state.name.lower() for g in self._guards()},
-            "rate_limits": [
-                {"period": u.period.value, "used": u.used, "limit": u.limit, "remaining": u.remaining, "resets_at": u.resets_at}
-                for u in rt.limiter.usage()
-            ],
-            "openai_rate_limits": [
-                {"period": u.period.value, "used": u.used, "limit": u.limit, "remaining": u.remaining, "resets_at": u.resets_at}
-                for u in rt.openai_limiter.usage()
-            ],
+            "rate_limits": _tiers(rt.limiter),
+            "openai_rate_limits": _tiers(rt.openai_limiter),
             "state_store": {"writable": limiter_ok and rt.journal.db.writable, "error": limiter_err or rt.journal.db.last_error},
             "in_flight": len(rt.held),
             "outbox_size": rt.outbox_size,

@@ -26,7 +26,7 @@ from processor.effects.limiter import Limiter
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
 from processor.effects.store import JournalStore, OutboxRow
-from processor.pure import retry as rt
+from processor.pure import retry
 from processor.pure.retry import ErrorKind
 from processor.pure.tasks import Backend, Routing, Task
 
@@ -99,12 +99,14 @@ class Runtime:
         self.admission_paused_until = 0.0  # trio time; the limiter said nothing fits before
         self.claim_failures = 0  # consecutive claim PATCHes that failed (back-off)
         self.outbox_oldest: dict[str, float] = {}  # task id -> when its result was stored
-        self.last_poll_ok: float | None = None  # trio time
-        self.started_at = trio.current_time()
-        self.report_policy = rt.RetryPolicy(
+        self.report_policy = retry.RetryPolicy(
             max_retries=1_000_000, base=0.5, factor=settings.retry_backoff_factor, cap=settings.retry_max_delay_seconds
         )
         self.log = get_logger("daemon")
+
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter delay before retry `attempt` (pure schedule, this process's draw)."""
+        return retry.backoff(self.report_policy, attempt, self.rng.random())
 
     @property
     def outbox_size(self) -> int:
@@ -229,9 +231,9 @@ class Runtime:
                     return True
                 if self.stopping.is_set() and attempt >= 2:
                     return False
-                decision = rt.decide(self.report_policy, attempt=attempt, elapsed=0.0, kind=ErrorKind.RETRYABLE,
+                decision = retry.decide(self.report_policy, attempt=attempt, elapsed=0.0, kind=ErrorKind.RETRYABLE,
                                      draw=self.rng.random(), retry_after=exc.retry_after)
-                delay = decision.delay if isinstance(decision, rt.Retry) else self.s.retry_max_delay_seconds
+                delay = decision.delay if isinstance(decision, retry.Retry) else self.s.retry_max_delay_seconds
                 self.metrics.retries.labels("api", "report").inc()
                 attempt += 1
                 if attempt in (1, 5) or attempt % 20 == 0:

@@ -149,11 +149,6 @@ class TaskApi:
         finally:
             await resp.aclose()
 
-    async def create(self, entry: dict[str, Any]) -> dict[str, Any]:
-        resp = await self._send("POST", TASKS, TASKS, content=orjson.dumps(entry))
-        await self._raise_for(resp, "POST /api/ai-tasks")
-        return resp.json()
-
     @asynccontextmanager
     async def pending(self) -> AsyncIterator[AsyncIterator[Any]]:
         """The pending list as an async iterator of raw entries, read as a stream."""

@@ -17,7 +17,7 @@ import trio
 from processor.config import Limits, Settings
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
-from processor.effects.store import RateLimitStore, StoreError
+from processor.effects.store import RateLimitStore
 from processor.pure import ratelimit as rl
 
 
@@ -173,11 +173,7 @@ def build_limiter(
 ) -> Limiter:
     if not settings.rate_limit_enabled or not limits.enabled():
         return Unlimited(clock)
-    try:
-        store = RateLimitStore(path)
-    except StoreError:
-        raise
     return SqliteLimiter(
-        store, limits_map(limits), strategy=settings.rate_limit_strategy, tz_name=settings.rate_limit_timezone,
+        RateLimitStore(path), limits_map(limits), strategy=settings.rate_limit_strategy, tz_name=settings.rate_limit_timezone,
         metrics=metrics, clock=clock, name=name,
     )

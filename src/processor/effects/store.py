@@ -9,7 +9,6 @@ open; a file that cannot be opened or is corrupt raises `StoreError` (never a si
 from __future__ import annotations
 
 import sqlite3
-import time
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -141,8 +140,6 @@ class RateLimitStore:
     async def apply(self, charges: Sequence[Charge], prune: dict[Period, int] | None = None) -> None:
         await self.db.run(self._apply(charges, prune or {}))
 
-    def apply_sync(self, charges: Sequence[Charge], prune: dict[Period, int] | None = None) -> None:
-        self.db.tx(self._apply(charges, prune or {}))
 
 
 # --- journal and outbox ------------------------------------------------------------------
@@ -234,10 +231,3 @@ class JournalStore:
         )
         return [ClaimRow(*r) for r in rows]
 
-    def known_ids(self) -> set[str]:
-        return {r[0] for r in self.db.query("SELECT task_id FROM journal UNION SELECT task_id FROM outbox")}
-
-    def outbox_stats(self, now: float | None = None) -> tuple[int, float]:
-        n, oldest = self.db.query("SELECT COUNT(*), MIN(computed_at) FROM outbox")[0]
-        age = 0.0 if oldest is None else max(0.0, (now or time.time()) - oldest)
-        return int(n), age

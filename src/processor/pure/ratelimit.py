@@ -112,10 +112,6 @@ def new_state(
 # --- calendar periods ---------------------------------------------------------------
 
 
-def _local_midnight(d: datetime, tz: tzinfo) -> float:
-    return datetime(d.year, d.month, d.day, tzinfo=tz).timestamp()
-
-
 def calendar_period(period: Period, now: float, tz: tzinfo) -> tuple[float, float]:
     """[start, end) of the calendar period holding `now`, in zone `tz`.
 

@@ -11,7 +11,6 @@ import trio
 
 from processor.effects.api import ApiError
 from processor.effects.store import ClaimRow, StoreError
-from processor.pure import retry as rtp
 from processor.pure.retry import ErrorKind
 from processor.pure.tasks import Backend, Task
 from processor.runtime import Runtime
@@ -139,7 +138,7 @@ async def claim_one(rt: Runtime, task: Task, claimed: trio.MemorySendChannel[Tas
                 # PATCH in_progress is idempotent: a transient failure is retried a few times
                 if exc.kind is ErrorKind.RETRYABLE and exc.sent and attempt < rt.s.max_retries and not rt.stopping.is_set():
                     rt.metrics.retries.labels("api", "claim").inc()
-                    await trio.sleep(rtp.backoff(rt.report_policy, attempt, rt.rng.random()))
+                    await trio.sleep(rt.backoff(attempt))
                     attempt += 1
                     continue
                 await _claim_failed(rt, task, exc)
@@ -176,5 +175,5 @@ async def _claim_failed(rt: Runtime, task: Task, exc: ApiError) -> None:
     rt.unhold(task.id, finished=exc.status == 404)
     if exc.status != 404:  # e.g. 403 on every claim: back off instead of re-polling at once
         rt.claim_failures += 1
-        _pause(rt, min(rt.s.retry_max_delay_seconds, 0.1 * 2 ** min(rt.claim_failures, 10)))
+        _pause(rt, rt.backoff(rt.claim_failures))
     rt.log.warning("claim_failed", task_id=task.id, status=exc.status, error=str(exc))

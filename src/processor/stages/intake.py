@@ -11,12 +11,12 @@ from processor.pure import pacing
 from processor.pure.tasks import Backend, Rejected, Skipped, Task, parse_entry
 from processor.runtime import Outcome, Runtime
 
-SKIP_LOG_MAX = 10_000
+LOG_ONCE_MAX = 10_000
 
 
 async def poller(rt: Runtime, intake: trio.MemorySendChannel[Task], rejects: trio.MemorySendChannel[list[Outcome]]) -> None:
     log = rt.log.bind(component="intake")
-    skipped_logged: set[object] = set()
+    logged_once: set[object] = set()
     failures = 0
     async with intake, rejects:
         while not rt.stopping.is_set():
@@ -38,16 +38,15 @@ async def poller(rt: Runtime, intake: trio.MemorySendChannel[Task], rejects: tri
                     await rt.stopping.wait()
                 continue
             try:
-                new, seen = await poll_once(rt, intake, rejects, skipped_logged)
+                new, seen = await poll_once(rt, intake, rejects, logged_once)
             except ApiError as exc:
                 failures += 1
-                delay = min(rt.s.retry_max_delay_seconds, rt.s.retry_backoff_factor ** min(failures, 10)) * rt.rng.random()
+                delay = rt.backoff(failures)
                 log.warning("poll_failed", error=str(exc), status=exc.status, retry_in=round(delay, 2))
                 with trio.move_on_after(max(delay, 0.05)):
                     await rt.stopping.wait()
                 continue
             failures = 0
-            rt.last_poll_ok = trio.current_time()
             rt.metrics.last_poll_success.set(rt.wall())
             outcome = pacing.PollOutcome.NEW_WORK if new else pacing.PollOutcome.NOTHING_NEW
             if new:
@@ -64,7 +63,7 @@ async def poll_once(
     rt: Runtime,
     intake: trio.MemorySendChannel[Task],
     rejects: trio.MemorySendChannel[list[Outcome]],
-    skipped_logged: set[object],
+    logged_once: set[object],
 ) -> tuple[int, int]:
     """One streamed read of the pending list. Returns (tasks taken, entries read)."""
     log = rt.log.bind(component="intake")
@@ -87,8 +86,8 @@ async def poll_once(
                 if parsed.id is None:
                     # cannot be reported: log and count once per distinct entry
                     fingerprint = hash(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS, default=str))
-                    if fingerprint not in skipped_logged and len(skipped_logged) < SKIP_LOG_MAX:
-                        skipped_logged.add(fingerprint)
+                    if fingerprint not in logged_once and len(logged_once) < LOG_ONCE_MAX:
+                        logged_once.add(fingerprint)
                         rt.metrics.rejected.labels(parsed.reason.value).inc()
                         log.warning("entry_rejected", reason=parsed.reason.value, detail=parsed.detail)
                     continue
@@ -99,8 +98,8 @@ async def poll_once(
                 rt.hold(Task(parsed.id, "", "", Backend.MOCK))  # held only so a re-poll skips it
                 await rejects.send([Outcome(parsed.id, "failed", None, parsed.detail)])
             elif isinstance(parsed, Skipped):
-                if parsed.id not in skipped_logged and len(skipped_logged) < SKIP_LOG_MAX:
-                    skipped_logged.add(parsed.id or "")
+                if parsed.id not in logged_once and len(logged_once) < LOG_ONCE_MAX:
+                    logged_once.add(parsed.id or "")
                     rt.metrics.skipped.labels(parsed.type).inc()
                     log.info("task_skipped", task_id=parsed.id, type=parsed.type, why="type not handled by this processor; left pending")
     rt.metrics.backlog.set(seen)
