@@ -3,19 +3,24 @@
 * Every request carries a bearer token; a 401 drops that token, fetches one new token (one
   fetch however many requests got 401) and retries that request once, never in a loop.
 * Requests in flight at once are bounded (`API_CONCURRENCY`).
-* The pending list is read as a stream and parsed incrementally (ijson push API), so
-  memory does not grow with the list; the caller stops reading when it has enough.
+* The pending list is read as a stream and parsed incrementally, one element at a time
+  (`processor.pure.jsonstream`), so memory does not grow with the list and a bad value
+  (a huge integer, a lone surrogate) spoils its own entry only; the caller stops reading
+  when it has enough. A body that is not a JSON array, or is cut off, is an `ApiError`
+  (fault MALFORMED), never "nothing pending", and does not count as an answer for /ready.
+* Nothing foreign gets out: every failure (httpx errors, a URL or header that cannot be
+  built) becomes an `ApiError` with a `kind` (what retrying can do) and a `fault`.
 * Metrics label endpoints with route templates, never ids.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-import ijson
 import orjson
 import trio
 
@@ -23,7 +28,10 @@ from processor.effects.auth import TokenError, TokenProvider
 from processor.effects.guard import BreakerOpen, Guard, outcome_for_status
 from processor.effects.metrics import Metrics
 from processor.pure.breaker import Outcome
+from processor.pure.faults import Dependency, Fault
+from processor.pure.jsonstream import ArraySplitter, MalformedBody, decode_element, printable
 from processor.pure.retry import ErrorKind, classify_status
+from processor.pure.tasks import is_object_id
 
 PENDING = "/api/ai-tasks/pending"
 TASKS = "/api/ai-tasks"
@@ -35,17 +43,48 @@ class ApiError(Exception):
     """A task API call failed.
 
     `status` is the HTTP status, or None when no answer came (the outcome is unknown: the
-    server may have applied the request). `kind` says whether retrying can help.
+    server may have applied the request). `kind` says whether retrying can help, `fault`
+    what went wrong (`processor.pure.faults`).
     """
 
+    dependency = Dependency.TASK_API
+
     def __init__(
-        self, message: str, *, status: int | None, kind: ErrorKind, retry_after: float | None = None, sent: bool = True
+        self,
+        message: str,
+        *,
+        status: int | None,
+        kind: ErrorKind,
+        retry_after: float | None = None,
+        sent: bool = True,
+        fault: Fault | None = None,
     ) -> None:
         super().__init__(message)
         self.sent = sent  # False: the request never left (breaker open, no token)
         self.status = status
         self.kind = kind
         self.retry_after = retry_after
+        self.fault = fault if fault is not None else _fault_for(status)
+
+
+def _fault_for(status: int | None) -> Fault:
+    if status is None:
+        return Fault.UNREACHABLE
+    if status == 401:
+        return Fault.TOKEN_EXPIRED
+    if status == 404:
+        return Fault.NOT_FOUND
+    if status == 429:
+        return Fault.RATE_LIMITED
+    if status == 503:
+        return Fault.BUSY
+    if status == 408:
+        return Fault.TIMEOUT
+    if status >= 500:
+        return Fault.SERVER
+    if status >= 400:
+        return Fault.REFUSED
+    return Fault.MALFORMED
 
 
 class TaskApi:
@@ -67,7 +106,7 @@ class TaskApi:
         self._metrics = metrics
         self.guard = guard
         self._limit = trio.CapacityLimiter(concurrency)
-        self.last_success: float | None = None  # trio time of the last 2xx
+        self.last_success: float | None = None  # trio time of the last 2xx PATCH or readable pending list
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     async def _send(
@@ -76,36 +115,43 @@ class TaskApi:
         try:
             self.guard.check()
         except BreakerOpen as exc:
-            raise ApiError(str(exc), status=None, kind=ErrorKind.RETRYABLE, retry_after=None, sent=False) from None
+            raise ApiError(str(exc), status=None, kind=ErrorKind.RETRYABLE, retry_after=None, sent=False, fault=Fault.UNREACHABLE) from None
         async with self._limit:
             for attempt in (0, 1):
                 try:
                     token = await self._tokens.get()
                 except TokenError as exc:
                     kind = ErrorKind.PERMANENT if exc.permanent else ErrorKind.RETRYABLE
-                    raise ApiError(str(exc), status=None, kind=kind, sent=False) from None
+                    raise ApiError(str(exc), status=None, kind=kind, sent=False, fault=Fault.AUTH) from None
                 headers = {**_JSON, "Authorization": f"Bearer {token}"}
+                try:
+                    request = self._http.build_request(method, self._base + path, content=content, headers=headers)
+                except Exception as exc:  # InvalidURL, a header that is not ASCII, ...: nothing was sent
+                    raise ApiError(
+                        f"{method} {template}: cannot build the request ({type(exc).__name__}: {printable(str(exc), 200)})",
+                        status=None, kind=ErrorKind.PERMANENT, sent=False, fault=Fault.INPUT,
+                    ) from None
                 t0 = trio.current_time()
                 self.guard.note_request()
                 try:
-                    request = self._http.build_request(method, self._base + path, content=content, headers=headers)
                     if self._transport is not None and not stream:
                         resp = await self._transport.handle_async_request(request)
                         await resp.aread()
                     else:
                         resp = await self._http.send(request, stream=stream)
-                except httpx.HTTPError as exc:
+                except Exception as exc:  # httpx errors, and anything else below us: outcome unknown
                     self._observe(template, method, "error", t0)
                     self.guard.record(Outcome.FAILURE)
-                    raise ApiError(f"{method} {template}: {type(exc).__name__}", status=None, kind=ErrorKind.RETRYABLE) from None
+                    fault = Fault.TIMEOUT if isinstance(exc, httpx.TimeoutException) else Fault.UNREACHABLE
+                    raise ApiError(f"{method} {template}: {type(exc).__name__}", status=None, kind=ErrorKind.RETRYABLE, fault=fault) from None
                 self._observe(template, method, str(resp.status_code), t0)
                 if resp.status_code == 401 and attempt == 0:
-                    await resp.aclose()
+                    await _close(resp)
                     self._tokens.invalidate(token)
                     continue
                 self.guard.record(outcome_for_status(resp.status_code))
-                if resp.status_code < 400:
-                    self.last_success = trio.current_time()
+                if resp.status_code < 400 and not stream:
+                    self.last_success = trio.current_time()  # a stream counts once its body was readable
                 return resp
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -124,7 +170,10 @@ class TaskApi:
     async def _raise_for(resp: httpx.Response, what: str) -> None:
         if resp.status_code < 400:
             return
-        body = (await resp.aread())[:300].decode("utf-8", "replace") if not resp.is_closed else ""
+        try:
+            body = (await resp.aread())[:300].decode("utf-8", "replace") if not resp.is_closed else ""
+        except Exception as exc:  # the error body itself broke off
+            body = f"(body unreadable: {type(exc).__name__})"
         retry_after = _retry_after(resp)
         raise ApiError(
             f"{what}: HTTP {resp.status_code} {body}".strip(),
@@ -135,6 +184,12 @@ class TaskApi:
 
     async def patch(self, task_id: str, state: str, result: Any = None, *, include_result: bool = False, reason: str | None = None) -> None:
         """PATCH /api/ai-tasks/:id. Raises ApiError unless the API answered 2xx."""
+        if not is_object_id(task_id):
+            # what the API answers for such an id; never sent (it may not even form a URL)
+            raise ApiError(
+                f"PATCH {printable(str(task_id), 40)!r}: not a 24-hex ObjectId", status=400,
+                kind=ErrorKind.PERMANENT, sent=False, fault=Fault.REFUSED,
+            )
         body: dict[str, Any] = {"state": state}
         if include_result:
             body["result"] = result
@@ -147,12 +202,12 @@ class TaskApi:
         try:
             await self._raise_for(resp, f"PATCH {task_id} state={state}")
         finally:
-            await resp.aclose()
+            await _close(resp)
 
     @asynccontextmanager
     async def pending(self) -> AsyncIterator[AsyncIterator[Any]]:
         """The pending list as an async iterator of raw entries, read as a stream."""
-        async with self._stream(PENDING, PENDING) as items:
+        async with self._stream(PENDING, PENDING, counts=True) as items:
             yield items
 
     @asynccontextmanager
@@ -161,37 +216,72 @@ class TaskApi:
             yield items
 
     @asynccontextmanager
-    async def _stream(self, path: str, template: str) -> AsyncIterator[AsyncIterator[Any]]:
+    async def _stream(self, path: str, template: str, *, counts: bool = False) -> AsyncIterator[AsyncIterator[Any]]:
+        """`counts`: a readable body counts as an answer for `last_success` (/ready). Only the
+        pending list does: another list that reads fine says nothing about the intake."""
         resp = await self._send("GET", path, template, stream=True)
         try:
             await self._raise_for(resp, f"GET {template}")
-            items = _items(resp, template)
+            reader = _ArrayReader(resp, f"GET {template}")
+            items = reader.items()
             try:
                 yield items
             finally:
                 await items.aclose()
+            if reader.readable and counts:
+                # the body was a JSON array as far as it was read (the caller may stop early)
+                self.last_success = trio.current_time()
         finally:
-            await resp.aclose()
+            await _close(resp)
 
 
-async def _items(resp: httpx.Response, what: str) -> AsyncGenerator[Any, None]:
-    events = ijson.sendable_list()
-    coro = ijson.items_coro(events, "item", use_float=True)
+class _ArrayReader:
+    """The entries of a streamed JSON array body, each decoded on its own."""
+
+    def __init__(self, resp: httpx.Response, what: str) -> None:
+        self._resp = resp
+        self._what = what
+        self.readable = False  # the array opened and nothing went wrong so far
+
+    def _malformed(self, exc: MalformedBody) -> ApiError:
+        self.readable = False
+        return ApiError(
+            f"{self._what}: {exc} (HTTP {self._resp.status_code}, content-type "
+            f"{printable(self._resp.headers.get('content-type', 'none'), 60)!r})",
+            status=self._resp.status_code, kind=ErrorKind.RETRYABLE, fault=Fault.MALFORMED,
+        )
+
+    async def items(self) -> AsyncGenerator[Any, None]:
+        splitter = ArraySplitter()
+        try:
+            async for chunk in self._resp.aiter_bytes():
+                try:
+                    elements = splitter.feed(chunk)
+                except MalformedBody as exc:
+                    raise self._malformed(exc) from None
+                self.readable = True
+                for raw in elements:
+                    yield decode_element(raw)
+            try:
+                splitter.close()
+            except MalformedBody as exc:
+                raise self._malformed(exc) from None
+            self.readable = True
+        except ApiError:
+            raise
+        except Exception as exc:  # the stream broke off (httpx errors, decoding of the transfer)
+            self.readable = False
+            raise ApiError(
+                f"{self._what}: stream broken ({type(exc).__name__})", status=None,
+                kind=ErrorKind.RETRYABLE, fault=Fault.UNREACHABLE,
+            ) from None
+
+
+async def _close(resp: httpx.Response) -> None:
     try:
-        async for chunk in resp.aiter_bytes():
-            coro.send(chunk)
-            if events:
-                batch = list(events)
-                del events[:]
-                for obj in batch:
-                    yield obj
-        coro.close()
-    except ijson.JSONError as exc:
-        raise ApiError(f"GET {what}: body is not valid JSON ({exc})", status=resp.status_code, kind=ErrorKind.RETRYABLE) from None
-    except httpx.HTTPError as exc:
-        raise ApiError(f"GET {what}: stream broken ({type(exc).__name__})", status=None, kind=ErrorKind.RETRYABLE) from None
-    for obj in events:
-        yield obj
+        await resp.aclose()
+    except Exception:  # closing a broken stream: nothing left to tell
+        pass
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -199,6 +289,7 @@ def _retry_after(resp: httpx.Response) -> float | None:
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None

@@ -1,7 +1,9 @@
 """Parse raw pending-list entries into tasks, rejections or skips.
 
-`parse_entry` never raises, whatever JSON value it is given: one bad entry must never stop
-the others. A `Rejected` with an id is reported `failed` with its reason; one without an id
+`parse_entry` never raises, whatever value it is given (any JSON value, strings that are
+not valid Unicode, `InvalidValue` markers from the stream reader): one bad entry must never
+stop the others. It accepts an id only if it is exactly 24 lowercase hex characters, and a
+text or model only if it is valid Unicode. A `Rejected` with an id is reported `failed` with its reason; one without an id
 can only be logged and counted. A `Skipped` task (a type this worker does not run) is
 left `pending` for a worker that does.
 """
@@ -16,7 +18,11 @@ from typing import Any
 
 import attrs
 
-OBJECT_ID = re.compile(r"^[0-9a-f]{24}$")
+from processor.pure.jsonstream import InvalidValue, printable, unicode_problem
+
+# \A and \Z: the whole string, whichever of match/fullmatch/search is used (`$` would
+# also accept a trailing newline, which then breaks the PATCH URL).
+OBJECT_ID = re.compile(r"\A[0-9a-f]{24}\Z")
 MAX_TEXT_CHARS = 10_000
 TEXT_EMBEDDING = "text_embedding"
 
@@ -39,6 +45,8 @@ class RejectReason(enum.Enum):
     TEXT_TOO_LONG = "text_too_long"
     INVALID_MODEL = "invalid_model"
     UNSUPPORTED_MODEL = "unsupported_model"
+    INVALID_TEXT = "invalid_text"  # not valid Unicode (lone surrogates)
+    UNREADABLE = "unreadable"  # the entry is not JSON, or too large to read
 
 
 @attrs.frozen
@@ -89,43 +97,67 @@ class Routing:
         return None
 
 
+def is_object_id(value: object) -> bool:
+    """True only for a string of exactly 24 lowercase hex characters."""
+    return isinstance(value, str) and len(value) == 24 and OBJECT_ID.fullmatch(value) is not None
+
+
 def _untagged(model: str) -> str:
     """`nomic-embed-text:latest` is the same Ollama model as `nomic-embed-text`."""
     return model[: -len(":latest")] if model.endswith(":latest") else model
 
 
 def parse_created_at(value: Any) -> float | None:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or len(value) > 64:
         return None
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None
+
+
+def _type_label(value: Any) -> str:
+    if isinstance(value, str):
+        return printable(value, 64)
+    if value is None:
+        return "None"
+    return "invalid" if isinstance(value, InvalidValue) else type(value).__name__
+
+
+def _what(value: Any) -> str:
+    return "text that is not valid Unicode" if isinstance(value, InvalidValue) else type(value).__name__
 
 
 def parse_entry(raw: Any, routing: Routing, handled_types: Container[str] = (TEXT_EMBEDDING,)) -> Parsed:
     """Classify one entry of the pending list. Never raises."""
+    if isinstance(raw, InvalidValue):
+        return Rejected(None, RejectReason.UNREADABLE, raw.what)
     if not isinstance(raw, dict):
         return Rejected(None, RejectReason.NOT_AN_OBJECT, f"entry is a {type(raw).__name__}, not an object")
     raw_id = raw.get("_id")
     if raw_id is None:
         return Rejected(None, RejectReason.MISSING_ID, "entry has no _id")
-    if not isinstance(raw_id, str) or not OBJECT_ID.match(raw_id):
-        return Rejected(None, RejectReason.INVALID_ID, f"_id {str(raw_id)[:40]!r} is not a 24-hex ObjectId")
+    if not is_object_id(raw_id):
+        shown = printable(raw_id, 40) if isinstance(raw_id, str) else _what(raw_id)
+        return Rejected(None, RejectReason.INVALID_ID, f"_id {shown!r} is not a 24-hex ObjectId")
     task_type = raw.get("type")
-    if task_type not in handled_types:
-        return Skipped(raw_id, str(task_type)[:64])
+    if not isinstance(task_type, str) or task_type not in handled_types:
+        return Skipped(raw_id, _type_label(task_type))
 
     content = raw.get("content")
     if content is None:
         return Rejected(raw_id, RejectReason.MISSING_CONTENT, "content is missing or null")
     text: Any
     model: Any
+    if isinstance(content, InvalidValue):
+        return Rejected(raw_id, RejectReason.INVALID_TEXT, f"content {content.what}")
     if isinstance(content, str):
         text, model = content, routing.default_model
     elif isinstance(content, dict):
         text = content.get("text")
         model = content.get("model", routing.default_model)
+        if isinstance(text, InvalidValue):
+            return Rejected(raw_id, RejectReason.INVALID_TEXT, f"content.{text.what}")
         if not isinstance(text, str):
             return Rejected(
                 raw_id, RejectReason.INVALID_CONTENT,
@@ -133,6 +165,8 @@ def parse_entry(raw: Any, routing: Routing, handled_types: Container[str] = (TEX
             )
         if model is None:
             model = routing.default_model
+        if isinstance(model, InvalidValue) or (isinstance(model, str) and unicode_problem(model) is not None):
+            return Rejected(raw_id, RejectReason.INVALID_MODEL, "content.model is not valid Unicode")
         if not isinstance(model, str) or not model.strip():
             return Rejected(raw_id, RejectReason.INVALID_MODEL, "content.model must be a non-empty string")
     else:
@@ -140,6 +174,9 @@ def parse_entry(raw: Any, routing: Routing, handled_types: Container[str] = (TEX
             raw_id, RejectReason.INVALID_CONTENT,
             f"content must be a string or {{text, model}}, got {type(content).__name__}",
         )
+    problem = unicode_problem(text)
+    if problem is not None:
+        return Rejected(raw_id, RejectReason.INVALID_TEXT, f"text {problem}")
     if not text.strip():
         return Rejected(raw_id, RejectReason.EMPTY_TEXT, "text is empty")
     if len(text) > MAX_TEXT_CHARS:
