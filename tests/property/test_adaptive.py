@@ -106,6 +106,27 @@ def test_busy_halves_requests_in_flight_and_stops_growth(cfg, obs, size):
     assert after.max_in_flight <= max(1, before.max_in_flight)
 
 
+@settings(max_examples=200)
+@given(cfg=configs, obs=st.lists(observations, max_size=20), answers=st.lists(st.sampled_from(list(Outcome)), min_size=2, max_size=12),
+       latency=st.floats(0.001, 5))
+def test_answers_of_one_round_change_requests_in_flight_at_most_once(cfg, obs, answers, latency):
+    """Requests sent together (one round) move the concurrency by one step, not one per answer."""
+    s = ad.initial(cfg)
+    now = 0.0
+    for items, chars, outcome, e, d in obs:
+        now += d
+        s = ad.observe(cfg, s, ad.Observation(items, chars, outcome, e, now))
+    now += 1.0
+    sent_at = now
+    d = ad.decide(cfg, s, now)
+    n0 = s.in_flight
+    for i, outcome in enumerate(answers):
+        end = sent_at + latency + i * 1e-3
+        s = ad.observe(cfg, s, ad.Observation(d.max_items, d.max_items * 50, outcome, end - sent_at, end))
+    # one step up (+1), one down (-1), or one cut (halving), never compounded
+    assert s.in_flight in {n0, n0 + 1, n0 - 1, max(1, n0 // 2), 1}
+
+
 # -- a discrete-event model of a backend ------------------------------------------------------
 
 
@@ -183,8 +204,9 @@ def test_a_steady_fast_backend_reaches_the_maxima(max_items, max_in_flight, cap,
     assert run.timeouts == 0
     reached = [i for i, (_, d, _) in enumerate(run.decisions) if (d.max_items, d.max_in_flight) == (max_items, max_in_flight)]
     assert reached, "never reached MAX_BATCH_SIZE and CONCURRENCY_LIMIT"
-    # quickly: within a few rounds of doubling and adding
-    assert reached[0] <= 2 * (math.ceil(math.log2(max_items)) + max_in_flight) + 2
+    # quickly: within a few rounds of doubling and adding (a round has at most max_in_flight answers)
+    rounds = math.ceil(math.log2(max_items)) + max_in_flight + 2
+    assert reached[0] <= rounds * max_in_flight
     # and it stays there
     assert all((d.max_items, d.max_in_flight) == (max_items, max_in_flight) for _, d, _ in run.decisions[reached[0]:])
 
