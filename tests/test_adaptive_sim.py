@@ -271,6 +271,30 @@ async def test_cancelled_request_records_nothing_and_frees_its_slot(mock_clock):
     assert limiter.in_flight == 0
 
 
+async def test_an_error_caught_inside_the_slot_is_recorded(mock_clock):
+    limiter = limiter_for(60.0)
+    async with limiter.slot() as slot:
+        slot.start(2, 4000)
+        await trio.sleep(60)
+        try:
+            raise SimTimeout("late")
+        except SimTimeout as exc:
+            slot.record_error(exc)
+    assert limiter.state.timeouts == 1 and limiter.plan().max_items == 1
+    assert limiter.timeout_for(1, 2000) == 60.0  # 1 text, at most 66 chars/s: still the cap
+
+
+async def test_limiters_per_model_are_bounded():
+    from processor.effects import adaptive as ea
+
+    limits = AdaptiveLimits(max_items=8, max_in_flight=2, timeouts={})
+    first = limits.get("b", "m0")
+    for i in range(ea.MAX_LIMITERS * 3):
+        limits.get("b", f"m{i}")
+    assert len(limits.snapshot()) == ea.MAX_LIMITERS
+    assert limits.get("b", "m0") is not first  # evicted, made again
+
+
 def test_classify_by_kind_and_status():
     class E(Exception):
         def __init__(self, kind: Any = None, status: int | None = None) -> None:

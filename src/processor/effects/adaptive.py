@@ -35,6 +35,7 @@ from processor.pure import batching
 T = TypeVar("T")
 
 BUSY_STATUSES = frozenset({429, 503})
+MAX_LIMITERS = 256  # (backend, model) pairs remembered; models come from tasks
 
 
 def classify(exc: BaseException) -> ad.Outcome | None:
@@ -92,6 +93,12 @@ class Slot:
     def record(self, outcome: ad.Outcome) -> None:
         """Say how the request ended (otherwise leaving the block decides)."""
         self.outcome = outcome
+
+    def record_error(self, exc: BaseException) -> None:
+        """The call raised `exc` and the caller caught it inside the block."""
+        outcome = classify(exc)
+        if outcome is not None:
+            self.outcome = outcome
 
     async def __aenter__(self) -> Slot:
         await self._limiter._acquire(self._token)
@@ -219,8 +226,12 @@ class AdaptiveLimits:
         """The limiter of (backend, model); `max_items` lowers the batch cap (the adapter's own
         limit) when it is the first use."""
         key = (backend, model)
-        lim = self._limiters.get(key)
+        lim = self._limiters.pop(key, None)
         if lim is None:
+            if len(self._limiters) >= MAX_LIMITERS:
+                idle = next((k for k, v in self._limiters.items() if v.in_flight == 0), None)
+                if idle is not None:
+                    del self._limiters[idle]  # the least recently used one without a request out
             cap = self._timeouts.get(backend, self._default_timeout)
             if not (math.isfinite(cap) and cap > 0):
                 cap = self._default_timeout
@@ -229,7 +240,8 @@ class AdaptiveLimits:
                 timeout_cap=cap, **self._overrides,
             )
             name = f"{getattr(backend, 'value', backend)}/{model}"
-            lim = self._limiters[key] = AdaptiveLimiter(cfg, name=name, clock=self._clock)
+            lim = AdaptiveLimiter(cfg, name=name, clock=self._clock)
+        self._limiters[key] = lim  # (re)inserted last: the dict is in order of use
         return lim
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
