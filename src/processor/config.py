@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import zoneinfo
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +25,9 @@ from processor.pure.ratelimit import Strategy
 # The placeholder the original service treated as "no key, use mock embeddings".
 PLACEHOLDER_OPENAI_KEY = "your_openai_api_key_here"
 DEFAULT_SUPPORTED_MODELS = ("nomic-embed-text", "dengcao/Qwen3-Embedding-0.6B:Q8_0")
+# Where the Wikidata User-Agent points when WIKIDATA_CONTACT is not set.
+PROJECT_URL = "https://github.com/aletheiafact/processor"
+WIKIDATA_API_URL = "https://www.wikidata.org/w/api.php"
 SECRET_NAMES = frozenset({"OAUTH2_CLIENT_SECRET", "OPENAI_API_KEY", "REDIS_URL"})
 
 
@@ -125,6 +129,21 @@ class Settings:
     rate_limit_timezone: str = "UTC"
     rate_limits: Limits = Limits()
     openai_rate_limits: Limits = Limits()
+
+    # --- triage task types and chat models (issue 13) ------------------------------------
+    task_types: tuple[str, ...] = ()  # TASK_TYPES; empty: every registered type
+    model_map: dict[str, str] = attrs.field(factory=dict)  # chat model name -> model to ask instead
+    output_language: str = "pt"
+    prompts_dir: str | None = None
+    chat_max_tokens: int = 8192  # per answer; reasoning tokens count (0: the model's default)
+    chat_num_ctx: int = 8192  # Ollama context window for chat
+    chat_bad_answer_retries: int = 2  # a bad answer is asked again this many times per claim
+    wikidata_enabled: bool = True
+    wikidata_api_url: str = WIKIDATA_API_URL
+    wikidata_contact: str = PROJECT_URL
+    wikidata_language: str = "pt"  # defaults to OUTPUT_LANGUAGE
+    wikidata_timeout_seconds: float = 10.0  # enrichment of one result, all lookups together
+    wikidata_cache_ttl_seconds: float = 7 * 86400.0
 
     @property
     def journal_path(self) -> str:
@@ -301,6 +320,53 @@ def _port(v: str) -> int:
     return n
 
 
+_TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
+
+
+def _task_types(v: str) -> tuple[str, ...]:
+    names = [n.strip() for n in v.split(",") if n.strip()]
+    if names == ["all"]:
+        return ()
+    if not names or not all(_TYPE_NAME.match(n) for n in names):
+        raise ValueError("all, or a comma-separated list of task types such as text_embedding,identifying_data")
+    return tuple(dict.fromkeys(names))
+
+
+def _model_map(v: str) -> dict[str, str]:
+    expected = "name=model pairs separated by commas (e.g. o3=qwen3:4b) or a JSON object"
+    text = v.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(expected) from None
+    else:
+        data = {}
+        for pair in text.split(","):
+            if not pair.strip():
+                continue
+            name, sep, target = pair.partition("=")
+            if not sep:
+                raise ValueError(expected)
+            data[name.strip()] = target.strip()
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(t, str) and k and t for k, t in data.items()):
+        raise ValueError(expected)
+    return dict(data)
+
+
+def _language(v: str) -> str:
+    if not _LANGUAGE.match(v.strip()):
+        raise ValueError("a language code such as pt, en or pt-BR")
+    return v.strip()
+
+
+def _directory(v: str) -> str:
+    if not Path(v).is_dir():
+        raise ValueError("an existing directory")
+    return v
+
+
 # env name -> (settings field, parser). Defaults live on the Settings class.
 _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "API_BASE_URL": ("api_base_url", _url),
@@ -353,6 +419,20 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RATE_LIMIT_STRATEGY": ("rate_limit_strategy", _enum(Strategy)),
     "RATE_LIMIT_STORAGE_PATH": ("rate_limit_storage_path", _nonempty),
     "RATE_LIMIT_TIMEZONE": ("rate_limit_timezone", _timezone),
+    # triage task types and chat models (issue 13)
+    "TASK_TYPES": ("task_types", _task_types),
+    "MODEL_MAP": ("model_map", _model_map),
+    "OUTPUT_LANGUAGE": ("output_language", _language),
+    "PROMPTS_DIR": ("prompts_dir", _directory),
+    "CHAT_MAX_TOKENS": ("chat_max_tokens", _int(0)),
+    "CHAT_NUM_CTX": ("chat_num_ctx", _int(0)),
+    "CHAT_BAD_ANSWER_RETRIES": ("chat_bad_answer_retries", _int(0)),
+    "WIKIDATA_ENABLED": ("wikidata_enabled", _bool),
+    "WIKIDATA_API_URL": ("wikidata_api_url", _url),
+    "WIKIDATA_CONTACT": ("wikidata_contact", _nonempty),
+    "WIKIDATA_LANGUAGE": ("wikidata_language", _language),
+    "WIKIDATA_TIMEOUT_SECONDS": ("wikidata_timeout_seconds", _float(0, strict=True)),
+    "WIKIDATA_CACHE_TTL_SECONDS": ("wikidata_cache_ttl_seconds", _float(0)),
 }
 _PERIODS = ("MINUTE", "HOUR", "DAY", "WEEK", "MONTH")
 
@@ -475,6 +555,15 @@ def load_settings(
         problems.append(Problem("REDIS_URL", None, "a redis:// URL when STATE_BACKEND=redis"))
     if values.get("shutdown_grace_seconds", 25.0) == 0:
         warnings.append("SHUTDOWN_GRACE_SECONDS=0: in-flight work is released at once on shutdown")
+
+    # Triage: Wikidata's language follows the output language; a contact for its User-Agent.
+    if "wikidata_language" not in values and "output_language" in values:
+        values["wikidata_language"] = values["output_language"]
+    if "wikidata_contact" not in values and values.get("wikidata_enabled", True) and mode is not Mode.MOCK:
+        warnings.append(
+            f"WIKIDATA_CONTACT is not set: Wikidata requests carry only {PROJECT_URL} as a contact; "
+            "Wikimedia's policy asks for a way to reach the operator (an e-mail address or a URL)"
+        )
 
     if problems:
         raise ConfigError(problems)
