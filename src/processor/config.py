@@ -26,7 +26,7 @@ from processor.pure.ratelimit import Strategy
 PLACEHOLDER_OPENAI_KEY = "your_openai_api_key_here"
 DEFAULT_SUPPORTED_MODELS = ("nomic-embed-text", "dengcao/Qwen3-Embedding-0.6B:Q8_0")
 # Where the Wikidata User-Agent points when WIKIDATA_CONTACT is not set.
-PROJECT_URL = "https://github.com/aletheiafact/processor"
+PROJECT_URL = "https://github.com/AletheiaFact"  # the platform's organisation; confirm before a release
 WIKIDATA_API_URL = "https://www.wikidata.org/w/api.php"
 SECRET_NAMES = frozenset({"OAUTH2_CLIENT_SECRET", "OPENAI_API_KEY", "REDIS_URL"})
 
