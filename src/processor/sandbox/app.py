@@ -181,6 +181,8 @@ class SandboxState:
     issued: list[str] = attrs.field(factory=list)  # every access token handed out (secrets to look for)
     reasons: dict[str, str] = attrs.field(factory=dict)  # task id -> last `reason`/`error` of a failed PATCH
     results: dict[str, list[bytes]] = attrs.field(factory=dict)  # task id -> sha1 of each succeeded result, in order
+    # The platform's callback (sandbox/chain.py): None accepts, a reason refuses with 400.
+    on_result: Callable[[SandboxState, dict[str, Any], Any], str | None] | None = None
     _counter: itertools.count = attrs.field(factory=lambda: itertools.count(random.randrange(1 << 24)))
 
     # -- ids and tasks --------------------------------------------------------------
@@ -555,6 +557,9 @@ class SandboxApp:
             st.callbacks[task_id] += 1
             st.callback_results.setdefault(task_id, set()).add(digest)
             st.results.setdefault(task_id, []).append(digest.encode())
+            refused = st.on_result(st, task, data["result"]) if st.on_result is not None else None
+            if refused is not None:  # the state is saved already, as on the real API
+                return 400, {"statusCode": 400, "message": f"callback refused the result: {refused}"}
         return 200, task
 
     def _admin(self, method: str, path: str, body: bytes, scope: Scope) -> tuple[int, Any]:

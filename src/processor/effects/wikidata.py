@@ -1,0 +1,447 @@
+"""Wikidata lookups for the triage results (CONTRACT.md §8), cached and bounded.
+
+`Wikidata.resolve(names, people=...)` returns the entity found for each name it could
+settle (None: Wikidata has no match) and, when it could not settle them all, why
+(`down`, `slow`, `breaker_open`): the caller sends its result without those ids, which
+§6 accepts. It never raises for Wikidata's sake.
+
+Etiquette (Wikimedia's API policy): one request at a time (per process, and across
+replicas through a Redis lock when the state is in Redis), `maxlag=5` on every request,
+the `Retry-After` of a `maxlag` error, a 429 or a 503 honoured before the next request, and
+a `User-Agent` naming the project and a contact. Answers are cached (SQLite in the state
+directory, or Redis, shared by the replicas) for `WIKIDATA_CACHE_TTL_SECONDS`: a name is
+searched at most once per TTL, an item's facts fetched at most once per TTL, and
+`wbgetentities` takes up to 50 ids per request. The adapter has its own breaker.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import httpx
+import orjson
+import trio
+
+import processor
+from processor.effects.chat.metrics import ChatMetrics
+from processor.effects.guard import BreakerOpen, Guard
+from processor.effects.logs import get_logger
+from processor.pure import wikidata as wd
+from processor.pure.breaker import BreakerConfig, Outcome
+from processor.pure.faults import Dependency, DependencyError, Fault
+from processor.pure.triage import Entity
+
+MAX_ATTEMPTS = 3  # per request, for maxlag / 429 / 503 (within the enrichment bound)
+DEFAULT_PAUSE = 5.0  # seconds, when Wikidata asks to back off without saying how long
+T = TypeVar("T")
+LOCK_TTL_MS = 30_000  # a replica that dies holding the shared lock frees it after this
+
+
+class WikidataError(DependencyError):
+    """A Wikidata request failed (`fault` says how); only ever seen inside this adapter."""
+
+    dependency = Dependency.WIKIDATA
+
+
+def user_agent(contact: str) -> str:
+    return f"processor/{processor.__version__} (fact-checking triage; {contact}) httpx/{httpx.__version__}"
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+class Cache(Protocol):
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]: ...
+    async def put_many(self, items: Mapping[str, Any], ttl: float) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+class SqliteCache:
+    """Answers by key in a SQLite file, each with an expiry (wall time)."""
+
+    def __init__(self, path: str | Path, *, clock: Any = time.time) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS wikidata_cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL NOT NULL)")
+        self._limiter = trio.CapacityLimiter(1)
+        self._clock = clock
+
+    def _get(self, keys: Sequence[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        now = self._clock()
+        for i in range(0, len(keys), 500):
+            part = list(keys[i : i + 500])
+            marks = ",".join("?" * len(part))
+            for key, value, expires in self._conn.execute(
+                f"SELECT key, value, expires_at FROM wikidata_cache WHERE key IN ({marks})", part
+            ):
+                if expires > now:
+                    out[key] = orjson.loads(value)
+        return out
+
+    def _put(self, items: Mapping[str, Any], ttl: float) -> None:
+        expires = self._clock() + ttl
+        with self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO wikidata_cache (key, value, expires_at) VALUES (?, ?, ?)",
+                [(k, orjson.dumps(v).decode(), expires) for k, v in items.items()],
+            )
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        if not keys:
+            return {}
+        return await trio.to_thread.run_sync(self._get, keys, limiter=self._limiter)
+
+    async def put_many(self, items: Mapping[str, Any], ttl: float) -> None:
+        if items and ttl > 0:
+            await trio.to_thread.run_sync(self._put, items, ttl, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        self._conn.close()
+
+
+class RedisCache:
+    """Answers by key in Redis (`<prefix>:wikidata:<key>`), each with a TTL: shared by the
+    replicas. A Redis failure is a miss (or a lost write), never an error."""
+
+    def __init__(self, client: Any, *, prefix: str) -> None:
+        self._client = client
+        self._prefix = f"{prefix}:wikidata:"
+        self._log = get_logger("wikidata")
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        if not keys:
+            return {}
+        try:
+            with trio.fail_after(3):
+                values = await self._client.mget([self._prefix + k for k in keys])
+        except Exception as exc:  # coredis errors, OSError, timeouts: a miss
+            self._log.warning("wikidata_cache_unavailable", error=type(exc).__name__)
+            return {}
+        return {k: orjson.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
+
+    async def put_many(self, items: Mapping[str, Any], ttl: float) -> None:
+        if not items or ttl <= 0:
+            return
+        try:
+            with trio.fail_after(3):
+                for k, v in items.items():
+                    await self._client.set(self._prefix + k, orjson.dumps(v).decode(), ex=max(1, int(ttl)))
+        except Exception as exc:
+            self._log.warning("wikidata_cache_unavailable", error=type(exc).__name__)
+
+    async def aclose(self) -> None:
+        return None
+
+
+# --- one request at a time ------------------------------------------------------------------
+
+_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
+
+
+class Turn:
+    """One Wikidata request at a time in this process; with a Redis client, across every
+    replica too (a lock key with a TTL, and a shared pause-until for Retry-After)."""
+
+    def __init__(self, client: Any = None, *, prefix: str = "processor") -> None:
+        self._lock = trio.Lock()
+        self._client = client
+        self._key = f"{prefix}:wikidata:turn"
+        self._pause_key = f"{prefix}:wikidata:pause_until"
+        self._pause_until = 0.0  # wall time
+
+    async def __aenter__(self) -> Turn:
+        await self._lock.acquire()
+        try:
+            await self._acquire_shared()
+            await self._wait_pause()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self._release_shared()
+        finally:
+            self._lock.release()
+
+    async def pause(self, seconds: float) -> None:
+        until = time.time() + seconds
+        self._pause_until = max(self._pause_until, until)
+        if self._client is not None:
+            try:
+                with trio.fail_after(3):
+                    await self._client.set(self._pause_key, repr(until), px=max(1, int(seconds * 1000)))
+            except Exception:
+                pass
+
+    async def _wait_pause(self) -> None:
+        until = self._pause_until
+        if self._client is not None:
+            try:
+                with trio.fail_after(3):
+                    shared = await self._client.get(self._pause_key)
+                until = max(until, float(shared)) if shared else until
+            except Exception:
+                pass
+        wait = until - time.time()
+        if wait > 0:
+            await trio.sleep(wait)
+
+    async def _acquire_shared(self) -> None:
+        if self._client is None:
+            return
+        self._token = secrets.token_hex(8)
+        delay = 0.005
+        while True:
+            try:
+                with trio.fail_after(3):
+                    from coredis.tokens import PureToken
+
+                    got = await self._client.set(self._key, self._token, condition=PureToken.NX, px=LOCK_TTL_MS)
+            except Exception:
+                return  # Redis down: the process lock still holds; the cache fails open too
+            if got:
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def _release_shared(self) -> None:
+        if self._client is None:
+            return
+        with trio.move_on_after(3, shield=True):
+            try:
+                await self._client.eval(_RELEASE_LUA, keys=[self._key], args=[self._token])
+            except Exception:
+                pass
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+
+class Wikidata:
+    def __init__(
+        self, *, api_url: str, contact: str, language: str, timeout: float, cache: Cache, cache_ttl: float,
+        metrics: ChatMetrics, guard: Guard | None = None, turn: Turn | None = None, request_timeout: float | None = None,
+    ) -> None:
+        self._url = api_url
+        self._headers = {"User-Agent": user_agent(contact), "Accept": "application/json"}
+        self._language = language
+        self._timeout = timeout
+        self._request_timeout = request_timeout or timeout
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self._request_timeout, connect=min(5.0, self._request_timeout)))
+        self._cache = cache
+        self._ttl = cache_ttl
+        self._metrics = metrics
+        self.guard = guard or Guard("wikidata", BreakerConfig())
+        self._turn = turn or Turn()
+        self.requests = 0
+        self._log = get_logger("wikidata")
+
+    async def resolve(self, names: Iterable[str], *, people: bool) -> tuple[dict[str, Entity | None], str | None]:
+        """The entity of each name that could be settled, and why some could not (None:
+        all settled). Bounded by WIKIDATA_TIMEOUT_SECONDS; never raises for Wikidata."""
+        wanted = list(dict.fromkeys(names))
+        found: dict[str, Entity | None] = {}
+        if not wanted:
+            return found, None
+        reason: str | None = None
+        with trio.move_on_after(self._timeout) as scope:
+            try:
+                await self._resolve(wanted, people, found)
+            except BreakerOpen:
+                reason = "breaker_open"
+            except WikidataError as exc:
+                reason = "down"
+                self._log.warning("wikidata_unavailable", error=str(exc), fault=exc.fault.value)
+        if scope.cancelled_caught:
+            reason = "slow"
+        if reason is not None:
+            self._metrics.wikidata_degraded.labels(reason).inc()
+        return found, reason
+
+    async def _resolve(self, names: list[str], people: bool, found: dict[str, Entity | None]) -> None:
+        lang = self._language
+        keys = {n: f"search:{lang}:{wd.normalise(n)}" for n in names}
+        cached = await self._cache.get_many(list(dict.fromkeys(keys.values())))
+        self._count_cache("search", len(cached), len(set(keys.values())))
+        candidates: dict[str, list[Entity]] = {}
+        for name in names:
+            if keys[name] in cached:
+                candidates[name] = [e for e in map(wd.entity_from_json, cached[keys[name]]) if e is not None]
+        if not people:
+            for name, cands in candidates.items():
+                found[name] = wd.best_match(cands, None)
+        for name in names:
+            if name in candidates:
+                continue
+            cands = _read(wd.parse_search, await self._get(wd.search_params(name, lang), "wbsearchentities"))
+            await self._cache.put_many({keys[name]: [wd.entity_to_json(e) for e in cands]}, self._ttl)
+            candidates[name] = cands
+            if not people:
+                found[name] = wd.best_match(cands, None)
+        if people:
+            facts = await self._facts([c.id for cands in candidates.values() for c in cands])
+            for name in names:
+                found[name] = wd.best_match(candidates[name], facts)
+
+    async def _facts(self, ids: list[str]) -> dict[str, wd.Facts]:
+        lang = self._language
+        unique = list(dict.fromkeys(ids))
+        keys = {i: f"facts:{lang}:{i}" for i in unique}
+        cached = await self._cache.get_many(list(keys.values()))
+        self._count_cache("facts", len(cached), len(unique))
+        out: dict[str, wd.Facts] = {}
+        for qid in unique:
+            value = cached.get(keys[qid])
+            if isinstance(value, list) and len(value) == 3:
+                out[qid] = wd.Facts(qid, bool(value[0]), value[1], value[2])
+        for batch in wd.chunks(i for i in unique if i not in out):
+            got = _read(lambda body: wd.parse_entities(body, lang), await self._get(wd.entities_params(batch, lang), "wbgetentities"))
+            for qid in batch:  # an id Wikidata did not return is remembered as "not a person"
+                out[qid] = got.get(qid, wd.Facts(qid, False))
+            await self._cache.put_many(
+                {keys[q]: [out[q].human, out[q].label, out[q].description] for q in batch}, self._ttl)
+        return out
+
+    def _count_cache(self, kind: str, hits: int, total: int) -> None:
+        if hits:
+            self._metrics.wikidata_cache.labels(kind, "hit").inc(hits)
+        if total - hits:
+            self._metrics.wikidata_cache.labels(kind, "miss").inc(total - hits)
+
+    async def _get(self, params: dict[str, str], action: str) -> Any:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            self.guard.check()
+            async with self._turn:
+                outcome, body, pause = await self._request_once(params, action)
+            if outcome == "ok":
+                return body
+            await self._turn.pause(pause)
+            if attempt == MAX_ATTEMPTS:
+                break
+        raise WikidataError(f"Wikidata asked to back off {MAX_ATTEMPTS} times ({action})", Fault.BUSY)
+
+    async def _request_once(self, params: dict[str, str], action: str) -> tuple[str, Any, float]:
+        """("ok", body, 0) or ("pause", None, seconds); raises WikidataError otherwise."""
+        self.requests += 1
+        try:
+            resp = await self._http.get(self._url, params=params, headers=self._headers)
+        except trio.Cancelled:
+            self._record(action, "cancelled", Outcome.FAILURE)  # too slow for the enrichment bound
+            raise
+        except httpx.TimeoutException:
+            self._record(action, "timeout", Outcome.FAILURE)
+            raise WikidataError(f"Wikidata {action} timed out", Fault.TIMEOUT) from None
+        except httpx.HTTPError as exc:
+            self._record(action, "connection_error", Outcome.FAILURE)
+            raise WikidataError(f"Wikidata unreachable: {type(exc).__name__}", Fault.UNREACHABLE) from None
+        pause = _retry_after(resp.headers.get("retry-after"))
+        if resp.status_code in (429, 503):
+            self._record(action, str(resp.status_code), Outcome.IGNORED)
+            self._log.info("wikidata_backing_off", status=resp.status_code, seconds=pause)
+            return "pause", None, pause
+        if resp.status_code != 200:
+            self._record(action, str(resp.status_code), Outcome.FAILURE if resp.status_code >= 500 else Outcome.IGNORED)
+            raise WikidataError(f"Wikidata {action} answered {resp.status_code}", Fault.SERVER if resp.status_code >= 500 else Fault.INPUT,
+                                status=resp.status_code)
+        try:
+            body = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            self._record(action, "malformed", Outcome.FAILURE)
+            raise WikidataError(f"Wikidata {action} answered something that is not JSON", Fault.MALFORMED) from None
+        code = wd.error_code(body)
+        if code == "maxlag" or code == "ratelimited":
+            self._record(action, code, Outcome.IGNORED)
+            self._log.info("wikidata_backing_off", error=code, seconds=pause)
+            return "pause", None, pause
+        if code is not None:
+            self._record(action, "error", Outcome.IGNORED)
+            raise WikidataError(f"Wikidata {action} error {code}", Fault.INPUT)
+        self._record(action, "success", Outcome.SUCCESS)
+        return "ok", body, 0.0
+
+    def _record(self, action: str, outcome: str, breaker: Outcome) -> None:
+        self._metrics.wikidata_requests.labels(action, outcome).inc()
+        self.guard.record(breaker)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        await self._cache.aclose()
+
+
+def _read(parse: Callable[[Any], T], body: Any) -> T:
+    try:
+        return parse(body)
+    except wd.Unreadable as exc:
+        raise WikidataError(str(exc), Fault.MALFORMED) from None
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        seconds = float(value) if value is not None else DEFAULT_PAUSE
+    except ValueError:
+        seconds = DEFAULT_PAUSE
+    return min(max(seconds, 0.0), 60.0)
+
+
+class MockWikidata:
+    """Offline stand-in for `mock` mode and `demo`: a stable Q-id per name (from a hash),
+    every person a human."""
+
+    def __init__(self, metrics: ChatMetrics | None = None) -> None:
+        self.requests = 0
+
+    async def resolve(self, names: Iterable[str], *, people: bool) -> tuple[dict[str, Entity | None], str | None]:
+        import hashlib
+
+        await trio.lowlevel.checkpoint()
+        out: dict[str, Entity | None] = {}
+        for name in dict.fromkeys(names):
+            n = int.from_bytes(hashlib.sha256(wd.normalise(name).encode()).digest()[:4], "big") % 90_000_000 + 1_000_000
+            out[name] = Entity(f"Q{n}", name, "pessoa (simulado)" if people else "tema (simulado)")
+        return out, None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Enricher(Protocol):
+    async def resolve(self, names: Iterable[str], *, people: bool) -> tuple[dict[str, Entity | None], str | None]: ...
+    async def aclose(self) -> None: ...
+
+
+def build_wikidata(settings: Any, metrics: ChatMetrics, *, redis_client: Any = None, guard: Guard | None = None) -> Enricher | None:
+    """The enricher the settings ask for: None when WIKIDATA_ENABLED is false, the mock in
+    mock mode (unless WIKIDATA_API_URL is set to another endpoint), else the real adapter
+    with a SQLite cache in STATE_DIR or, with STATE_BACKEND=redis, a Redis cache and lock."""
+    if not settings.wikidata_enabled:
+        return None
+    from processor.config import WIKIDATA_API_URL, Mode, StateBackend
+
+    if settings.processing_mode is Mode.MOCK and settings.wikidata_api_url == WIKIDATA_API_URL:
+        return MockWikidata(metrics)
+    cache: Cache
+    if settings.state_backend is StateBackend.REDIS:
+        if redis_client is None:
+            from processor.effects.redis_state import make_client
+
+            redis_client = make_client(settings)
+        cache = RedisCache(redis_client, prefix=settings.redis_key_prefix)
+        turn = Turn(redis_client, prefix=settings.redis_key_prefix)
+    else:
+        cache = SqliteCache(Path(settings.state_dir) / "wikidata.db")
+        turn = Turn()
+    return Wikidata(
+        api_url=settings.wikidata_api_url, contact=settings.wikidata_contact, language=settings.wikidata_language,
+        timeout=settings.wikidata_timeout_seconds, cache=cache, cache_ttl=settings.wikidata_cache_ttl_seconds,
+        metrics=metrics, guard=guard, turn=turn,
+    )
