@@ -422,7 +422,8 @@ class Enricher(Protocol):
 def build_wikidata(settings: Any, metrics: ChatMetrics, *, redis_client: Any = None, guard: Guard | None = None) -> Enricher | None:
     """The enricher the settings ask for: None when WIKIDATA_ENABLED is false, the mock in
     mock mode (unless WIKIDATA_API_URL is set to another endpoint), else the real adapter
-    with a SQLite cache in STATE_DIR or, with STATE_BACKEND=redis, a Redis cache and lock."""
+    with a SQLite cache in STATE_DIR or, with STATE_BACKEND=redis, a Redis cache and lock on
+    `redis_client` (a coredis client the caller has entered: `async with client:`)."""
     if not settings.wikidata_enabled:
         return None
     from processor.config import WIKIDATA_API_URL, Mode, StateBackend
@@ -431,10 +432,8 @@ def build_wikidata(settings: Any, metrics: ChatMetrics, *, redis_client: Any = N
         return MockWikidata(metrics)
     cache: Cache
     if settings.state_backend is StateBackend.REDIS:
-        if redis_client is None:
-            from processor.effects.redis_state import make_client
-
-            redis_client = make_client(settings)
+        if redis_client is None:  # the composition root owns the (entered) coredis client
+            raise ValueError("STATE_BACKEND=redis: build_wikidata needs the process's Redis client")
         cache = RedisCache(redis_client, prefix=settings.redis_key_prefix)
         turn = Turn(redis_client, prefix=settings.redis_key_prefix)
     else:

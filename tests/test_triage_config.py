@@ -1,0 +1,50 @@
+"""Settings of the triage task types and chat models."""
+
+from __future__ import annotations
+
+import pytest
+
+from processor.config import PROJECT_URL, WIKIDATA_API_URL, ConfigError, load_settings
+
+BASE = {"API_BASE_URL": "http://api", "OAUTH2_TOKEN_URL": "http://api/t", "OAUTH2_CLIENT_ID": "c", "OAUTH2_CLIENT_SECRET": "s"}
+
+
+def load(**env):
+    return load_settings({**BASE, **env}, dotenv_path=None)
+
+
+def test_defaults():
+    s, warnings = load(PROCESSING_MODE="mock")
+    assert s.task_types == () and s.model_map == {} and s.output_language == "pt" and s.prompts_dir is None
+    assert s.wikidata_api_url == WIKIDATA_API_URL and s.wikidata_contact == PROJECT_URL and s.wikidata_language == "pt"
+    assert s.wikidata_cache_ttl_seconds == 7 * 86400 and s.wikidata_timeout_seconds > 0
+    assert not any("WIKIDATA_CONTACT" in w for w in warnings)  # mock mode does not call Wikidata
+
+
+def test_contact_warning_when_wikidata_is_really_called():
+    _, warnings = load(PROCESSING_MODE="ollama")
+    assert any("WIKIDATA_CONTACT" in w for w in warnings)
+    _, warnings = load(PROCESSING_MODE="ollama", WIKIDATA_CONTACT="ops@example.org")
+    assert not any("WIKIDATA_CONTACT" in w for w in warnings)
+    _, warnings = load(PROCESSING_MODE="ollama", WIKIDATA_ENABLED="false")
+    assert not any("WIKIDATA_CONTACT" in w for w in warnings)
+
+
+def test_values(tmp_path):
+    s, _ = load(PROCESSING_MODE="hybrid", OPENAI_API_KEY="sk-x", TASK_TYPES="identifying_data, defining_severity",
+                MODEL_MAP="o3=qwen3:4b, gpt-4o=llama3.2:3b", OUTPUT_LANGUAGE="en", PROMPTS_DIR=str(tmp_path),
+                WIKIDATA_API_URL="http://127.0.0.1:9/w/api.php", WIKIDATA_TIMEOUT_SECONDS="2.5")
+    assert s.task_types == ("identifying_data", "defining_severity")
+    assert s.model_map == {"o3": "qwen3:4b", "gpt-4o": "llama3.2:3b"}
+    assert s.output_language == "en" and s.wikidata_language == "en" and s.prompts_dir == str(tmp_path)
+    assert s.wikidata_api_url == "http://127.0.0.1:9/w/api.php" and s.wikidata_timeout_seconds == 2.5
+    assert load(PROCESSING_MODE="mock", MODEL_MAP='{"o3": "qwen3:4b"}')[0].model_map == {"o3": "qwen3:4b"}
+    assert load(PROCESSING_MODE="mock", TASK_TYPES="all")[0].task_types == ()
+
+
+def test_every_problem_is_listed(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load(PROCESSING_MODE="mock", TASK_TYPES="Bad Type", MODEL_MAP="o3", OUTPUT_LANGUAGE="portuguese",
+             PROMPTS_DIR=str(tmp_path / "missing"), WIKIDATA_TIMEOUT_SECONDS="0", WIKIDATA_API_URL="ftp://x")
+    names = {p.name for p in err.value.problems}
+    assert names == {"TASK_TYPES", "MODEL_MAP", "OUTPUT_LANGUAGE", "PROMPTS_DIR", "WIKIDATA_TIMEOUT_SECONDS", "WIKIDATA_API_URL"}
