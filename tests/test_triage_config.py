@@ -15,19 +15,30 @@ def load(**env):
 
 def test_defaults():
     s, warnings = load(PROCESSING_MODE="mock")
+    assert warnings == []
     assert s.task_types == () and s.model_map == {} and s.output_language == "pt" and s.prompts_dir is None
     assert s.wikidata_api_url == WIKIDATA_API_URL and s.wikidata_contact == PROJECT_URL and s.wikidata_language == "pt"
     assert s.wikidata_cache_ttl_seconds == 7 * 86400 and s.wikidata_timeout_seconds > 0
-    assert not any("WIKIDATA_CONTACT" in w for w in warnings)  # mock mode does not call Wikidata
 
 
-def test_contact_warning_when_wikidata_is_really_called():
-    _, warnings = load(PROCESSING_MODE="ollama")
-    assert any("WIKIDATA_CONTACT" in w for w in warnings)
-    _, warnings = load(PROCESSING_MODE="ollama", WIKIDATA_CONTACT="ops@example.org")
-    assert not any("WIKIDATA_CONTACT" in w for w in warnings)
-    _, warnings = load(PROCESSING_MODE="ollama", WIKIDATA_ENABLED="false")
-    assert not any("WIKIDATA_CONTACT" in w for w in warnings)
+def test_contact_warning_at_start_when_wikidata_is_really_called(tmp_path, captured_logs):
+    from prometheus_client import CollectorRegistry
+
+    from processor.effects.chat.metrics import chat_metrics
+    from processor.effects.wikidata import MockWikidata, Wikidata, build_wikidata
+
+    def warned(**env):
+        captured_logs.clear()
+        s, _ = load(STATE_DIR=str(tmp_path), **env)
+        built = build_wikidata(s, chat_metrics(CollectorRegistry()))
+        return built, any(e["event"] == "wikidata_contact_not_set" for e in captured_logs)
+
+    built, w = warned(PROCESSING_MODE="ollama")
+    assert isinstance(built, Wikidata) and w
+    assert warned(PROCESSING_MODE="ollama", WIKIDATA_CONTACT="ops@example.org")[1] is False
+    assert warned(PROCESSING_MODE="ollama", WIKIDATA_ENABLED="false") == (None, False)
+    built, w = warned(PROCESSING_MODE="mock")
+    assert isinstance(built, MockWikidata) and not w
 
 
 def test_values(tmp_path):

@@ -556,14 +556,9 @@ def load_settings(
     if values.get("shutdown_grace_seconds", 25.0) == 0:
         warnings.append("SHUTDOWN_GRACE_SECONDS=0: in-flight work is released at once on shutdown")
 
-    # Triage: Wikidata's language follows the output language; a contact for its User-Agent.
+    # Triage: Wikidata's language follows the output language.
     if "wikidata_language" not in values and "output_language" in values:
         values["wikidata_language"] = values["output_language"]
-    if "wikidata_contact" not in values and values.get("wikidata_enabled", True) and mode is not Mode.MOCK:
-        warnings.append(
-            f"WIKIDATA_CONTACT is not set: Wikidata requests carry only {PROJECT_URL} as a contact; "
-            "Wikimedia's policy asks for a way to reach the operator (an e-mail address or a URL)"
-        )
 
     if problems:
         raise ConfigError(problems)

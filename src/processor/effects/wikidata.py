@@ -426,10 +426,15 @@ def build_wikidata(settings: Any, metrics: ChatMetrics, *, redis_client: Any = N
     `redis_client` (a coredis client the caller has entered: `async with client:`)."""
     if not settings.wikidata_enabled:
         return None
-    from processor.config import WIKIDATA_API_URL, Mode, StateBackend
+    from processor.config import PROJECT_URL, WIKIDATA_API_URL, Mode, StateBackend
 
     if settings.processing_mode is Mode.MOCK and settings.wikidata_api_url == WIKIDATA_API_URL:
         return MockWikidata(metrics)
+    if settings.wikidata_contact == PROJECT_URL:
+        get_logger("wikidata").warning(
+            "wikidata_contact_not_set", contact=PROJECT_URL,
+            message="WIKIDATA_CONTACT is not set: Wikimedia's policy asks for a way to reach the operator "
+                    "(an e-mail address or a URL) in the User-Agent")
     cache: Cache
     if settings.state_backend is StateBackend.REDIS:
         if redis_client is None:  # the composition root owns the (entered) coredis client
