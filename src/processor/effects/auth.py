@@ -1,9 +1,20 @@
 """OAuth2 client-credentials tokens (RFC 6749 §4.4): cached, refreshed before expiry,
-one refresh at a time however many requests wait for it."""
+one refresh at a time however many requests wait for it.
+
+Nothing foreign gets out of `TokenProvider.get`: every failure is a `TokenError` with a
+`fault`. An answer that is unusable (not JSON, no token, a token that is not visible ASCII
+and so cannot go into an `Authorization` header) backs off like a rejected request.
+`expires_in` is trusted only when it is a plain positive number (or a string of digits);
+anything else (NaN, infinity, negative, under a second, a bool, text) counts as missing, and
+a lifetime is capped at `MAX_TOKEN_LIFETIME`.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 import time
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -15,6 +26,16 @@ from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
 from processor.pure import pacing
 from processor.pure.breaker import Outcome
+from processor.pure.faults import Dependency, Fault
+from processor.pure.jsonstream import printable
+
+# Longest lifetime believed: past it a token is replaced anyway (one request a day is cheap).
+MAX_TOKEN_LIFETIME = 86_400.0
+# Shorter is not a lifetime to plan by (a refresh per request): treated as missing.
+MIN_TOKEN_LIFETIME = 1.0
+MAX_TOKEN_CHARS = 16_384
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+_DIGITS = re.compile(r"[0-9]{1,9}")
 
 _HINTS = {
     "invalid_client": "check OAUTH2_CLIENT_ID / OAUTH2_CLIENT_SECRET (and OAUTH2_AUTH_METHOD)",
@@ -26,12 +47,41 @@ _HINTS = {
 
 
 class TokenError(Exception):
-    """No token could be obtained. `permanent`: retrying without a config change won't help."""
+    """No token could be obtained. `permanent`: retrying without a config change won't help.
+    `fault`: AUTH (credentials or request refused), MALFORMED (an unusable 200),
+    UNREACHABLE, TIMEOUT, SERVER, BUSY."""
 
-    def __init__(self, message: str, *, permanent: bool, code: str | None = None) -> None:
+    dependency = Dependency.TOKEN
+
+    def __init__(self, message: str, *, permanent: bool, code: str | None = None, fault: Fault | None = None) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.code = code
+        self.fault = fault if fault is not None else (Fault.AUTH if permanent else Fault.UNREACHABLE)
+
+
+def expires_in_seconds(value: Any) -> float | None:
+    """A usable `expires_in`, or None (missing, or not a sane number): never raises."""
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int):
+        return float(min(value, int(MAX_TOKEN_LIFETIME))) if value >= MIN_TOKEN_LIFETIME else None
+    if not math.isfinite(value) or value < MIN_TOKEN_LIFETIME:
+        return None
+    return min(value, MAX_TOKEN_LIFETIME)
+
+
+def token_problem(token: Any) -> str | None:
+    """None if `token` can be sent as a bearer token, else why not (without the token)."""
+    if not isinstance(token, str) or not token:
+        return "no access_token (or not a string)"
+    if len(token) > MAX_TOKEN_CHARS:
+        return f"access_token is {len(token)} characters long (over {MAX_TOKEN_CHARS})"
+    if not _VISIBLE_ASCII.fullmatch(token):
+        return "access_token has characters that cannot go into an HTTP header (non-ASCII, spaces or control characters)"
+    return None
 
 
 class TokenProvider:
@@ -51,6 +101,7 @@ class TokenProvider:
         self._last_exc: TokenError | None = None
         self._log = get_logger("auth")
         REDACTOR.add(settings.oauth2_client_secret)
+        self._secret_name = f"access_token {settings.oauth2_token_url} {settings.oauth2_client_id}"
 
     @property
     def has_token(self) -> bool:
@@ -65,15 +116,18 @@ class TokenProvider:
             if self._token is not None and trio.current_time() < self._refresh_at:
                 return self._token
             if self._last_exc is not None and trio.current_time() < self._not_before:
-                raise self._last_exc  # credentials were rejected: back off, no hot loop
+                raise self._last_exc  # credentials rejected or answer unusable: back off, no hot loop
             try:
                 return await self._fetch()
             except TokenError as exc:
-                if exc.permanent:
+                if exc.permanent or exc.fault is Fault.MALFORMED:
                     self._permanent_failures += 1
-                    self._not_before = trio.current_time() + min(60.0, 2.0 ** (self._permanent_failures - 1))
+                    self._not_before = trio.current_time() + min(60.0, 2.0 ** min(self._permanent_failures - 1, 10))
                     self._last_exc = exc
                 raise
+            except Exception as exc:  # never let a foreign exception out
+                self.last_error = f"token request failed: {type(exc).__name__}"
+                raise TokenError(self.last_error, permanent=False, fault=Fault.UNREACHABLE) from None
 
     def invalidate(self, token: str) -> None:
         """The API said 401 for `token`: drop it, unless a newer one already replaced it."""
@@ -98,36 +152,34 @@ class TokenProvider:
         self.fetches += 1
         try:
             resp = await self._http.post(s.oauth2_token_url, data=data, auth=auth, headers={"Accept": "application/json"})
-        except httpx.HTTPError as exc:
+            await resp.aread()
+        except Exception as exc:  # httpx errors, an unusable URL, ...
             self.guard.record(Outcome.FAILURE)
             self._metrics.token_fetches.labels("error").inc()
             self.last_error = f"token endpoint unreachable: {type(exc).__name__}"
-            raise TokenError(f"{self.last_error} ({s.oauth2_token_url})", permanent=False) from None
-        self.guard.record(outcome_for_status(resp.status_code))
+            fault = Fault.TIMEOUT if isinstance(exc, httpx.TimeoutException) else Fault.UNREACHABLE
+            raise TokenError(f"{self.last_error} ({printable(s.oauth2_token_url, 200)})", permanent=False, fault=fault) from None
         if resp.status_code != 200:
+            self.guard.record(outcome_for_status(resp.status_code))
             self._metrics.token_fetches.labels("error").inc()
             code, desc = _error_fields(resp)
             hint = _HINTS.get(code or "", "")
             if resp.status_code == 404:
                 hint = "check OAUTH2_TOKEN_URL / ORY_PROJECT_SLUG"
             permanent = resp.status_code in (400, 401, 403, 404)
+            fault = Fault.AUTH if permanent else Fault.BUSY if resp.status_code == 503 else Fault.SERVER
             self.last_error = f"token endpoint: {code or f'HTTP {resp.status_code}'}" + (f" — {hint}" if hint else "")
             self._log.error("token_request_failed", status=resp.status_code, error=code, description=desc, hint=hint or None)
-            raise TokenError(self.last_error, permanent=permanent, code=code)
-        try:
-            body = resp.json()
-            token = body["access_token"]
-            if not isinstance(token, str) or not token:
-                raise ValueError("empty access_token")
-            if str(body.get("token_type", "bearer")).lower() != "bearer":
-                raise ValueError(f"token_type {body.get('token_type')!r} is not bearer")
-            expires_in = body.get("expires_in")
-            expires_in = float(expires_in) if isinstance(expires_in, (int, float)) else None
-        except (ValueError, KeyError, TypeError) as exc:
+            raise TokenError(self.last_error, permanent=permanent, code=code, fault=fault)
+        token, expires_in, problem = _parse_token_answer(resp)
+        if problem is not None or token is None:
+            self.guard.record(Outcome.FAILURE)
             self._metrics.token_fetches.labels("error").inc()
-            self.last_error = f"token endpoint returned an unusable answer: {exc}"
-            raise TokenError(self.last_error, permanent=False) from None
-        REDACTOR.add(token)
+            self.last_error = f"token endpoint returned an unusable answer: {problem}"
+            self._log.error("token_answer_unusable", problem=problem)
+            raise TokenError(self.last_error, permanent=False, fault=Fault.MALFORMED)
+        self.guard.record(Outcome.SUCCESS)
+        REDACTOR.rotate(self._secret_name, token)
         self._token = token
         self._refresh_at = pacing.token_refresh_at(trio.current_time(), expires_in)
         self.obtained_wall = time.time()
@@ -139,13 +191,32 @@ class TokenProvider:
         return token
 
 
+def _parse_token_answer(resp: httpx.Response) -> tuple[str | None, float | None, str | None]:
+    """(token, expires_in, problem) from a 200 answer; never raises."""
+    try:
+        body = resp.json()
+    except (ValueError, RecursionError):
+        return None, None, f"not JSON (content-type {printable(resp.headers.get('content-type', 'none'), 60)!r})"
+    if not isinstance(body, dict):
+        return None, None, f"a JSON {type(body).__name__}, not an object"
+    token = body.get("access_token")
+    problem = token_problem(token)
+    if problem is not None:
+        return None, None, problem
+    token_type = body.get("token_type", "bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        shown = printable(token_type, 40) if isinstance(token_type, str) else type(token_type).__name__
+        return None, None, f"token_type {shown!r} is not bearer"
+    return token, expires_in_seconds(body.get("expires_in")), None
+
+
 def _error_fields(resp: httpx.Response) -> tuple[str | None, str | None]:
     try:
         body = resp.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, None
     if not isinstance(body, dict):
         return None, None
     code = body.get("error")
     desc = body.get("error_description")
-    return (code if isinstance(code, str) else None), (str(desc)[:200] if desc else None)
+    return (printable(code, 100) if isinstance(code, str) else None), (printable(desc, 200) if isinstance(desc, str) else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections import deque
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -21,20 +22,56 @@ _PATTERNS = [
 
 
 class Redactor:
-    """Removes known secret values and secret-looking patterns from any string."""
+    """Removes known secret values and secret-looking patterns from any string.
 
-    def __init__(self) -> None:
-        self._secrets: set[str] = set()
+    It holds only the live secrets, so that it stays small however long the process runs:
+    long-lived ones (`add`: client secret, API keys, passwords; at most `max_static`, the
+    oldest dropped first) and, per name, the newest `keep` of the ones that are replaced
+    from time to time (`rotate`: access tokens, the current and the previous one, since
+    requests sent with the previous one may still be logged).
+    """
+
+    def __init__(self, *, max_static: int = 32, keep: int = 2) -> None:
+        self._max_static = max_static
+        self._keep = keep
+        self._static: dict[str, None] = {}  # an ordered set
+        self._rotating: dict[str, deque[str]] = {}
+        self._all: tuple[str, ...] = ()
 
     def add(self, secret: str | None) -> None:
         if secret and len(secret) >= 4:
-            self._secrets.add(secret)
+            self._static.pop(secret, None)
+            self._static[secret] = None
+            while len(self._static) > self._max_static:
+                del self._static[next(iter(self._static))]
+            self._rebuild()
+
+    def rotate(self, name: str, secret: str | None) -> None:
+        """`secret` is now the current value of `name`; values older than the last `keep` are forgotten."""
+        if not secret or len(secret) < 4:
+            return
+        ring = self._rotating.setdefault(name, deque(maxlen=self._keep))
+        if secret not in ring:
+            ring.append(secret)
+            self._rebuild()
 
     def discard(self, secret: str | None) -> None:
-        self._secrets.discard(secret or "")
+        self._static.pop(secret or "", None)
+        for ring in self._rotating.values():
+            if secret in ring:
+                ring.remove(secret or "")
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        # longest first, so that a secret containing another one is removed whole
+        values = {*self._static, *(s for ring in self._rotating.values() for s in ring)}
+        self._all = tuple(sorted(values, key=len, reverse=True))
+
+    def __len__(self) -> int:
+        return len(self._all)
 
     def redact(self, text: str) -> str:
-        for s in self._secrets:
+        for s in self._all:
             if s in text:
                 text = text.replace(s, "[REDACTED]")
         for pattern, repl in _PATTERNS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 
 # A token without `expires_in` is assumed to live this long (and is refreshed on 401).
 DEFAULT_TOKEN_LIFETIME = 300.0
@@ -33,5 +34,6 @@ def token_refresh_at(obtained_at: float, expires_in: float | None, leeway: float
     per lifetime, never a request sent with a token about to expire. (A token revoked early
     is caught by the 401 path.)
     """
-    lifetime = DEFAULT_TOKEN_LIFETIME if expires_in is None or expires_in <= 0 else expires_in
+    usable = expires_in is not None and math.isfinite(expires_in) and expires_in >= 1.0  # NaN, inf, < 1 s: missing
+    lifetime = DEFAULT_TOKEN_LIFETIME if expires_in is None or not usable else expires_in
     return obtained_at + lifetime - min(leeway, lifetime * 0.1)
