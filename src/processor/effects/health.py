@@ -1,4 +1,10 @@
-"""The operator's endpoints: GET /health (liveness), /ready (readiness), /metrics."""
+"""The operator's endpoints: GET /health (liveness), /ready (readiness), /metrics.
+
+They need no authentication and are often published, while some of what they show comes
+from peers (error texts of the token endpoint, the task API, the backends), which may echo
+a secret. So every string in a /health or /ready answer passes the log redactor and is cut
+to `MAX_TEXT` characters, and a list to `MAX_ITEMS` entries.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,27 @@ import orjson
 from prometheus_client import CollectorRegistry, make_asgi_app
 
 from processor.effects.asgi import lifespan
+from processor.effects.logs import REDACTOR, Redactor
+from processor.pure.jsonstream import printable
+
+MAX_TEXT = 300
+MAX_ITEMS = 50
+
+
+def safe(value: Any, redactor: Redactor = REDACTOR, depth: int = 0) -> Any:
+    """`value` with every string redacted and bounded (keys too); nesting and lists bounded."""
+    if isinstance(value, str):
+        text = redactor.redact(printable(value, 4 * MAX_TEXT))
+        return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if depth > 8:
+        return "…"
+    if isinstance(value, dict):
+        return {safe(str(k), redactor, depth + 1): safe(v, redactor, depth + 1) for k, v in list(value.items())[:MAX_ITEMS]}
+    if isinstance(value, (list, tuple)):
+        return [safe(v, redactor, depth + 1) for v in list(value)[:MAX_ITEMS]]
+    return safe(str(value), redactor, depth + 1)
 
 
 class HealthApp:
@@ -33,10 +60,10 @@ class HealthApp:
             await self._metrics(scope, receive, send)
             return
         if path == "/health":
-            await _json(send, 200, self._health())
+            await _json(send, 200, safe(self._health()))
         elif path == "/ready":
             reasons = self._ready()
-            await _json(send, 503 if reasons else 200, {"ready": not reasons, "reasons": reasons})
+            await _json(send, 503 if reasons else 200, {"ready": not reasons, "reasons": safe(reasons)})
         else:
             await _json(send, 404, {"error": "not found", "routes": ["/health", "/ready", "/metrics"]})
 

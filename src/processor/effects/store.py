@@ -4,10 +4,15 @@ Each database has one connection used from worker threads, one call at a time
 (`trio.CapacityLimiter(1)`), WAL mode. Related statements go in one call and one
 transaction. The schema version lives in `PRAGMA user_version` and migrates forward on
 open; a file that cannot be opened or is corrupt raises `StoreError` (never a silent reset).
+
+The journal holds task texts: every state file (the database and its `-wal`, `-shm` and
+`-journal` companions, which SQLite creates with the database's mode) is 0600, also when an
+older release left it 0644, and a state directory created here is 0700.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from array import array
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +31,28 @@ class StoreError(Exception):
     """The state store is unusable (cannot open, corrupt, read-only, disk full)."""
 
 
+STATE_FILE_MODE = 0o600
+STATE_DIR_MODE = 0o700
+
+
+def secure_state_file(path: Path) -> None:
+    """Create `path`'s directory (0700) if missing, the file itself 0600, and take group and
+    other access from the file and its SQLite companions if an older release left them."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, mode=STATE_DIR_MODE, exist_ok=True)
+        os.chmod(parent, STATE_DIR_MODE)  # mkdir's mode is filtered by the umask
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, STATE_FILE_MODE)
+    os.close(fd)
+    for p in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
+        try:
+            mode = os.stat(p).st_mode
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(p, mode & 0o700)
+
+
 class SqliteDb:
     def __init__(self, path: str, migrations: Sequence[str], *, synchronous: str = "NORMAL") -> None:
         self.path = path
@@ -34,7 +61,7 @@ class SqliteDb:
         self.last_error: str | None = None
         try:
             if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                secure_state_file(Path(path))
             self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(f"PRAGMA synchronous={synchronous}")
