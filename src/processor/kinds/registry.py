@@ -17,6 +17,10 @@ from processor.kinds.base import TaskKind
 GROUP = "processor.task_types"
 BUILTIN: Mapping[str, str] = {
     "text_embedding": "processor.kinds.embedding:make",
+    "identifying_data": "processor.kinds.identifying_data:make",
+    "defining_topics": "processor.kinds.defining_topics:make",
+    "defining_impact_area": "processor.kinds.defining_impact_area:make",
+    "defining_severity": "processor.kinds.defining_severity:make",
 }
 
 

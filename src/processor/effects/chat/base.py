@@ -38,6 +38,7 @@ class ChatAnswer:
 
 class ChatBackend(Protocol):
     name: str
+    metrics: Any  # the ChatMetrics it counts on (kinds count bad answers there too)
 
     async def complete(self, request: ChatRequest) -> ChatAnswer: ...
     async def check(self, model: str) -> str: ...  # a sentence for `check`; raises ChatError

@@ -76,7 +76,7 @@ class MockChat:
     name = "mock"
 
     def __init__(self, *, metrics: ChatMetrics, latency: float = 0.0) -> None:
-        self._metrics = metrics
+        self._metrics = self.metrics = metrics
         self.latency = latency
         self.requests = 0
 

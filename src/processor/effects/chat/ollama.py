@@ -37,7 +37,7 @@ class OllamaChat:
         self._keep_alive = keep_alive
         self._num_ctx = num_ctx
         self._max_tokens = max_tokens
-        self._metrics = metrics
+        self._metrics = self.metrics = metrics
         self._ready: set[str] = set()
         self._missing: dict[str, tuple[float, str]] = {}  # model -> (trio time, reason)
         self._locks: dict[str, trio.Lock] = {}

@@ -51,7 +51,7 @@ class OpenAIChat:
         self._own_http = http is None
         self._timeout = timeout
         self._max_tokens = max_tokens
-        self._metrics = metrics
+        self._metrics = self.metrics = metrics
         self._pace_until = 0.0
         self._dropped: dict[str, set[str]] = {}  # model -> parameters a 400 refused
         self._log = get_logger("openai_chat")
