@@ -19,7 +19,6 @@ import trio
 
 from processor.effects.limiter import SqliteLimiter
 from processor.effects.redis_state import RedisLimiter, RedisShared
-from processor.effects.store import RateLimitStore
 from processor.pure import ratelimit as rl
 
 LIMITS = {rl.Period.MINUTE: 10**9, rl.Period.HOUR: 10**9, rl.Period.DAY: 10**9, rl.Period.WEEK: 10**9, rl.Period.MONTH: 10**9}
@@ -37,7 +36,7 @@ def pure(n: int) -> float:
 async def sqlite(n: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         clock = iter(1_790_000_000.0 + i * 0.01 for i in range(n + 10))
-        lim = SqliteLimiter(RateLimitStore(f"{tmp}/rl.db"), LIMITS, strategy=rl.Strategy.ROLLING, tz_name="UTC", metrics=None,
+        lim = SqliteLimiter(f"{tmp}/rl.db", LIMITS, strategy=rl.Strategy.ROLLING, tz_name="UTC", metrics=None,
                             clock=lambda: next(clock))
         t0 = time.perf_counter()
         for _ in range(n):

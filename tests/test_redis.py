@@ -195,6 +195,7 @@ ops = st.lists(
     st.one_of(
         st.tuples(st.just("admit"), st.integers(0, 8)),
         st.tuples(st.just("advance"), st.sampled_from([0.3, 1, 30, 59, 61, 3599, 3601, 86401, 7 * 86400, 31 * 86400])),
+        st.tuples(st.just("back"), st.sampled_from([0.3, 1, 61, 3601, 86401])),  # Redis's clock steps back
         st.tuples(st.just("refund"), st.integers(0, 50), st.integers(1, 5)),
     ),
     max_size=30,
@@ -216,25 +217,80 @@ async def test_the_redis_script_and_the_pure_core_agree(ops, strategy, zone, lim
         redis_limiter = RedisLimiter(shared, limits, strategy=strategy, tz_name=zone, metrics=None)
         pure = rl.new_state(limits, strategy=strategy, tz=ZoneInfo(zone))
         now = 1_790_000_000.25
-        reservations: list[float] = []
+        reservations: list[list[rl.Reservation]] = []
         try:
             for op in ops:
                 if op[0] == "advance":
                     now += op[1]
+                elif op[0] == "back":
+                    now -= op[1]
                 elif op[0] == "admit":
                     pure, expected = rl.admit(pure, now, op[1])
                     got = await redis_limiter.admit_at(op[1], now)
                     assert got.admitted == expected.admitted
                     assert got.retry_at == expected.retry_at
+                    assert got.at == expected.at and got.reservations == expected.reservations
                     if got.admitted:
-                        reservations.append(now)
+                        reservations.append(list(got.reservations))
                 elif reservations:
-                    at = reservations[op[1] % len(reservations)]
-                    pure, _ = rl.refund(pure, at, op[2])
-                    await redis_limiter.refund(at, op[2])
-                assert rl.usage(redis_limiter.state, now) == rl.usage(pure, now)
+                    group = reservations[op[1] % len(reservations)]
+                    back, group[:] = group[: op[2]], group[op[2] :]
+                    pure, _ = rl.refund(pure, back)
+                    await redis_limiter.refund(back)
+                t = rl.effective_now(pure, now)
+                assert rl.usage(redis_limiter.state, t) == rl.usage(pure, t)
         finally:
             await cleanup(REDIS, prefix)
+
+
+async def test_redis_time_stepping_back_across_a_period_edge_reopens_nothing():
+    """Fixed minute windows at 10/min: Redis's clock steps back across the edge. Another
+    replica (a second limiter on the same keys) sees the same shared high-water mark."""
+    client = coredis.Redis.from_url(REDIS, decode_responses=True)
+    prefix = f"hw-{uuid.uuid4().hex[:8]}"
+    edge = 1_790_000_040.0  # a minute edge
+    async with client:
+        a, b = (RedisLimiter(RedisShared(client, prefix=prefix), {rl.Period.MINUTE: 10}, strategy=rl.Strategy.FIXED,
+                             tz_name="UTC", metrics=None) for _ in range(2))
+        try:
+            assert (await a.admit_at(10, edge - 0.5)).admitted == 10
+            assert (await a.admit_at(10, edge + 0.2)).admitted == 10
+            d = await b.admit_at(10, edge - 0.4)  # the other replica, after the step back
+            assert d.admitted == 0 and d.at == edge + 0.2 and d.retry_at == edge + 60
+            assert (await a.admit_at(10, edge + 60)).admitted == 10
+        finally:
+            await cleanup(REDIS, prefix)
+
+
+async def test_a_redis_refund_goes_back_to_the_bucket_it_was_charged_to():
+    client = coredis.Redis.from_url(REDIS, decode_responses=True)
+    prefix = f"rf-{uuid.uuid4().hex[:8]}"
+    edge = 1_790_000_040.0
+    async with client:
+        lim = RedisLimiter(RedisShared(client, prefix=prefix), {rl.Period.MINUTE: 10, rl.Period.HOUR: 100},
+                           strategy=rl.Strategy.FIXED, tz_name="UTC", metrics=None)
+        try:
+            first = await lim.admit_at(10, edge - 0.01)
+            assert (await lim.admit_at(10, edge + 0.01)).admitted == 10
+            await lim.refund(first.reservations[:5])
+            assert (await lim.admit_at(1, edge + 0.02)).admitted == 0  # the minute from the edge stays full
+            await lim.refresh()
+            assert [(u.period, u.used) for u in rl.usage(lim.state, edge + 0.02)] == [(rl.Period.MINUTE, 10), (rl.Period.HOUR, 15)]
+        finally:
+            await cleanup(REDIS, prefix)
+
+
+async def test_an_unreachable_redis_is_a_limiter_error_never_a_coredis_one():
+    from processor.effects.limiter import LimiterError, LimiterErrorKind
+
+    client = coredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", decode_responses=True, connect_timeout=0.5)
+    async with client:
+        lim = RedisLimiter(RedisShared(client, prefix="nowhere"), {rl.Period.MINUTE: 10}, strategy=rl.Strategy.ROLLING,
+                           tz_name="UTC", metrics=None)
+        for call in (lambda: lim.admit(1), lambda: lim.refund([lim.reservation_at(1_790_000_000.0)]), lim.refresh):
+            with pytest.raises(LimiterError) as info:
+                await call()
+            assert info.value.kind is LimiterErrorKind.UNAVAILABLE
 
 
 async def test_leases_are_exclusive_renewed_and_marked_done():

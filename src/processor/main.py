@@ -158,8 +158,7 @@ async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
 
 
 def _limits(settings: Settings) -> int:
-    from processor.effects.limiter import build_limiter, format_usage
-    from processor.effects.store import StoreError
+    from processor.effects.limiter import LimiterError, build_limiter, format_usage
 
     if not settings.rate_limit_enabled:
         print("rate limiting is off (RATE_LIMIT_ENABLED=false)")
@@ -173,7 +172,7 @@ def _limits(settings: Settings) -> int:
         return trio.run(print_redis_limits, settings)
     try:
         limiter = build_limiter(settings, settings.rate_limits, settings.rate_limit_storage_path, metrics=None, name="global")
-    except StoreError as exc:
+    except LimiterError as exc:
         print(f"processor: {exc}", file=sys.stderr)
         return EXIT_FAIL
     print(f"store: {settings.rate_limit_storage_path}  strategy: {settings.rate_limit_strategy.value}  zone: {settings.rate_limit_timezone}")

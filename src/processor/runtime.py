@@ -22,11 +22,12 @@ from processor.effects.auth import TokenProvider
 from processor.effects.backends.base import EmbeddingBackend
 from processor.effects.guard import Guard
 from processor.effects.leases import Leases
-from processor.effects.limiter import Limiter
+from processor.effects.limiter import Limiter, LimiterError
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
 from processor.effects.store import JournalStore, OutboxRow
 from processor.pure import retry
+from processor.pure.ratelimit import Reservation
 from processor.pure.retry import ErrorKind
 from processor.pure.tasks import Backend, Routing, Task
 
@@ -40,8 +41,8 @@ class Held:
     """A task this process has taken from the pending list and not yet let go."""
 
     task: Task
-    reserved_at: float | None = None  # limiter clock when its unit was reserved
-    openai_reserved_at: float | None = None
+    reservation: Reservation | None = None  # what the global limiter charged for this task
+    openai_reservation: Reservation | None = None  # and the OpenAI limiter
     claimed: bool = False  # PATCH in_progress answered 2xx
     claimed_at: float | None = None  # trio time
     computed: bool = False  # result is in the outbox
@@ -151,18 +152,18 @@ class Runtime:
     # -- ending a claim ------------------------------------------------------------------
     async def refund(self, held: Sequence[Held]) -> None:
         """Give back the units reserved for tasks that never reached a backend."""
-        for lim, attr in ((self.limiter, "reserved_at"), (self.openai_limiter, "openai_reserved_at")):
-            by_time: dict[float, int] = {}
+        for lim, attr in ((self.limiter, "reservation"), (self.openai_limiter, "openai_reservation")):
+            reservations: list[Reservation] = []
             for h in held:
-                at = getattr(h, attr)
-                if at is not None:
-                    by_time[at] = by_time.get(at, 0) + 1
+                r = getattr(h, attr)
+                if r is not None:
+                    reservations.append(r)
                     setattr(h, attr, None)
-            for at, n in by_time.items():
+            if reservations:
                 try:
-                    await lim.refund(at, n)
-                except Exception as exc:  # a refund that fails only makes the limiter stricter
-                    self.log.warning("refund_failed", error=str(exc), units=n)
+                    await lim.refund(reservations)
+                except LimiterError as exc:  # a refund that fails only makes the limiter stricter
+                    self.log.warning("refund_failed", error=str(exc), units=len(reservations))
 
     async def release(self, task_ids: Sequence[str], reason: str, *, refund: bool = True) -> None:
         """Give claims back (PATCH pending) for tasks whose result was never computed."""

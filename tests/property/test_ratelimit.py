@@ -1,9 +1,19 @@
 """The limiter, checked against a brute-force count of every reservation.
 
-For any interleaving of admissions, refunds and clock advances (seconds to months, across
-DST changes), no window ever holds more than its limit (exact rule), every admission equals
-what the documented bucket rule allows (so no under-use beyond bucket rounding), and a
-state rebuilt from the persisted charges equals the one kept in memory.
+Real time only moves forward; the wall clock the limiter reads is real time plus an offset
+that can step back at any moment, by any amount (NTP, a restored VM, a Redis failover).
+For any interleaving of admissions, refunds, restarts (state rebuilt from what was
+persisted), real-time advances and clock steps back (seconds to months, across DST
+changes and period edges):
+
+* no rolling window of *real* time ever holds more than its limit (exact rule);
+* no calendar period of the limiter's effective time holds more than its limit, and no
+  stretch of real time as long as the shortest such period holds more than twice it (the
+  fixed-window edge; a clock stepping back across an edge used to give three times);
+* every admission equals what the documented bucket rule allows at the effective time (so
+  no under-use beyond bucket rounding);
+* a refund gives back exactly the buckets its reservation was charged to;
+* a state rebuilt from the persisted charges and high-water mark equals the one in memory.
 """
 
 from __future__ import annotations
@@ -27,9 +37,13 @@ STARTS = [datetime(2026, 3, 29, 0, 30, tzinfo=ZoneInfo("UTC")).timestamp(),
           datetime(2026, 10, 31, 23, 0, tzinfo=ZoneInfo("UTC")).timestamp(),
           datetime(2028, 2, 28, 23, 59, 59, tzinfo=ZoneInfo("UTC")).timestamp(),
           datetime(2026, 12, 31, 23, 59, 59, tzinfo=ZoneInfo("UTC")).timestamp()]
+# The shortest calendar period of each kind (a DST day has 23 hours; a February 28 days).
+SHORTEST = {rl.Period.MINUTE: 60, rl.Period.HOUR: 3_600, rl.Period.DAY: 23 * 3_600,
+            rl.Period.WEEK: 7 * 86_400 - 3_600, rl.Period.MONTH: 28 * 86_400 - 3_600}
 
 
 def exact_count(strategy, tz, period, reservations, now):
+    """Units counted at effective time `now` by the exact rule; reservations are (time, units)."""
     if strategy is rl.Strategy.FIXED:
         start, end = rl.calendar_period(period, now, tz)
         return sum(n for t, n in reservations if start <= t < end)
@@ -45,6 +59,16 @@ def bucket_count(strategy, tz, period, reservations, now):
     return sum(n for t, n in reservations if t <= now and now < math.floor(t / g) * g + g + w + rl.SLACK)
 
 
+class Unit:
+    """One admitted unit: when it was admitted in real time, and its reservation."""
+
+    def __init__(self, real: float, reservation: rl.Reservation) -> None:
+        self.real = real
+        self.reservation = reservation
+        self.refunded: set[rl.Period] = set()  # tiers that gave this unit back
+        self.returned = False  # a reservation is handed back at most once (the caller forgets it)
+
+
 class LimiterMachine(RuleBasedStateMachine):
     @initialize(
         strategy=st.sampled_from(list(rl.Strategy)),
@@ -57,65 +81,119 @@ class LimiterMachine(RuleBasedStateMachine):
         self.strategy = strategy
         self.limits = limits
         self.state = rl.new_state(limits, strategy=strategy, tz=self.tz)
-        self.now = start
-        self.reservations: list[list[float]] = []  # [time, units]
+        self.real = start
+        self.offset = 0.0  # wall clock minus real time; only ever steps back
+        self.units: list[Unit] = []
         self.persisted: dict[tuple[rl.Period, int], int] = {}
+        self.persisted_high_water: float | None = None
 
-    def _persist(self, charges):
+    @property
+    def wall(self) -> float:
+        return self.real + self.offset
+
+    def _persist(self, charges, high_water=None):
         for c in charges:
             key = (c.period, c.bucket)
             self.persisted[key] = self.persisted.get(key, 0) + c.units
             if self.persisted[key] <= 0:
                 del self.persisted[key]
+        if charges and high_water is not None:  # as the shell does: the mark goes with the charges
+            self.persisted_high_water = high_water
+
+    def _effective(self, period):
+        return [(u.reservation.at, 1) for u in self._live(period)]
+
+    def _live(self, period):
+        return [u for u in self.units if period not in u.refunded]
 
     @rule(step=st.sampled_from(STEPS) | st.floats(0, 5000))
     def advance(self, step):
-        self.now += step
+        self.real += step
+
+    @rule(back=st.sampled_from([0.3, 0.6, 1, 59, 60, 61, 3600, 86400, 31 * 86400]) | st.floats(0, 90_000))
+    def clock_steps_back(self, back):
+        self.offset -= back
 
     @rule(n=st.integers(0, 10))
     def admit(self, n):
+        e = rl.effective_now(self.state, self.wall)
+        assert e >= self.wall
         expected_room = min(
-            (lim - bucket_count(self.strategy, self.tz, p, self.reservations, self.now) for p, lim in self.limits.items()),
+            (lim - bucket_count(self.strategy, self.tz, p, self._effective(p), e) for p, lim in self.limits.items()),
             default=n,
         )
-        self.state, d = rl.admit(self.state, self.now, n)
+        self.state, d = rl.admit(self.state, self.wall, n)
+        assert d.at == e and self.state.high_water == e
         assert d.admitted == max(0, min(n, expected_room)), (d, expected_room)
+        assert len(d.reservations) == d.admitted
         if d.admitted < n and self.limits:
             # retry_at is exactly when one more unit fits (given no other admissions)
-            assert d.retry_at is not None and d.retry_at > self.now
+            assert d.retry_at is not None and d.retry_at > e
             assert rl.admit(self.state, d.retry_at, 1)[1].admitted == 1
             assert rl.admit(self.state, d.retry_at - 0.001, 1)[1].admitted == 0
-        if d.admitted:
-            self.reservations.append([self.now, d.admitted])
-        self._persist(d.charges)
+        for r in d.reservations:
+            assert r.at == e and r.units == 1
+            assert {(c.period, c.bucket) for c in r.charges} == {
+                (p, rl.bucket_of(self.strategy, self.tz, p, e)) for p in self.limits
+            }
+            self.units.append(Unit(self.real, r))
+        self._persist(d.charges, self.state.high_water)
 
-    @precondition(lambda self: any(n > 0 for _, n in getattr(self, "reservations", [])))
+    @precondition(lambda self: any(not u.returned for u in getattr(self, "units", [])))
     @rule(data=st.data())
     def refund(self, data):
-        i = data.draw(st.sampled_from([j for j, (_, n) in enumerate(self.reservations) if n > 0]))
-        t, have = self.reservations[i]
-        n = data.draw(st.integers(1, int(have)))
-        self.state, charges = rl.refund(self.state, t, n)
-        # Units in the same bucket are interchangeable; the brute-force list gives them back
-        # from this reservation, as the bucket does (only while the bucket is still tracked).
-        if charges:
-            back = -charges[0].units
-            self.reservations[i][1] -= back
+        open_ = [i for i, u in enumerate(self.units) if not u.returned]
+        picked = data.draw(st.lists(st.sampled_from(open_), min_size=1, max_size=4, unique=True))
+        for i in picked:
+            self.units[i].returned = True
+        before = {t.period: dict(t.buckets) for t in self.state.tiers}
+        self.state, charges = rl.refund(self.state, [self.units[i].reservation for i in picked])
+        # exactly the charged buckets, at most what they still hold
+        wanted = rl.merge(self.units[i].reservation for i in picked)
+        for c in charges:
+            assert c.units < 0 and -c.units == min(before[c.period].get(c.bucket, 0), wanted[(c.period, c.bucket)])
+        # Units in the same bucket are interchangeable; per tier, the brute-force list gives
+        # back the picked units whose bucket is still tracked (a pruned one counts nowhere).
+        given = {(c.period, c.bucket): -c.units for c in charges}
+        for i in picked:
+            u = self.units[i]
+            for c in u.reservation.charges:
+                if c.period not in u.refunded and given.get((c.period, c.bucket), 0) > 0:
+                    given[(c.period, c.bucket)] -= 1
+                    u.refunded.add(c.period)
+        assert not any(given.values())
         self._persist(charges)
 
+    @rule()
+    def restart(self):
+        rows = [(p, b, n) for (p, b), n in self.persisted.items()]
+        self.state = rl.with_counts(rl.new_state(self.limits, strategy=self.strategy, tz=self.tz), rows,
+                                    high_water=self.persisted_high_water)
+
     @invariant()
-    def never_over_a_limit(self):
-        if not hasattr(self, "state"):
+    def no_real_window_over_a_rolling_limit(self):
+        if not hasattr(self, "state") or self.strategy is not rl.Strategy.ROLLING:
             return
         for p, lim in self.limits.items():
-            assert exact_count(self.strategy, self.tz, p, self.reservations, self.now) <= lim
+            w = rl.ROLLING_WINDOW[p]
+            assert sum(1 for u in self._live(p) if self.real - w < u.real <= self.real) <= lim
+
+    @invariant()
+    def fixed_periods_hold_and_real_stretches_at_most_twice(self):
+        if not hasattr(self, "state") or self.strategy is not rl.Strategy.FIXED:
+            return
+        for p, lim in self.limits.items():
+            for u in self._live(p):
+                assert exact_count(self.strategy, self.tz, p, self._effective(p), u.reservation.at) <= lim
+            assert sum(1 for u in self._live(p) if self.real - SHORTEST[p] < u.real <= self.real) <= 2 * lim
 
     @invariant()
     def usage_matches_brute_force(self):
         if not hasattr(self, "state"):
             return
-        for u in rl.usage(self.state, self.now):
-            assert u.used == bucket_count(self.strategy, self.tz, u.period, self.reservations, self.now)
+        e = rl.effective_now(self.state, self.wall)
+        for u in rl.usage(self.state, self.wall):
+            assert u.used == bucket_count(self.strategy, self.tz, u.period, self._effective(u.period), e)
             assert u.remaining == max(0, u.limit - u.used)
 
     @invariant()
@@ -123,11 +201,17 @@ class LimiterMachine(RuleBasedStateMachine):
         if not hasattr(self, "state"):
             return
         rows = [(p, b, n) for (p, b), n in self.persisted.items()]
-        loaded = rl.with_counts(rl.new_state(self.limits, strategy=self.strategy, tz=self.tz), rows)
-        assert rl.usage(loaded, self.now) == rl.usage(self.state, self.now)
+        loaded = rl.with_counts(rl.new_state(self.limits, strategy=self.strategy, tz=self.tz), rows,
+                                high_water=self.persisted_high_water)
+        # The loaded mark may trail memory (a mark without charges is not persisted), but it is
+        # never earlier than a charge: after a restart no admission is evaluated before one made.
+        assert loaded.high_water <= self.state.high_water
+        assert all(u.reservation.at <= loaded.high_water for u in self.units if u.reservation.charges)
+        t = rl.effective_now(self.state, self.wall)
+        assert rl.usage(loaded, t) == rl.usage(self.state, t)
 
 
-LimiterMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+LimiterMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestLimiter = LimiterMachine.TestCase
 
 

@@ -1,15 +1,23 @@
 """The rate limiter's shell: the pure decision, persisted before it counts.
 
 `SqliteLimiter.admit(n)` decides with `processor.pure.ratelimit.admit`, writes the charges
-in one transaction, and only then returns the decision; if the write fails, nothing is
-admitted and the error is raised (work never goes through uncounted).
+(and the clock's high-water mark) in one transaction, and only then returns the decision;
+if the write fails, nothing is admitted and `LimiterError` is raised (work never goes
+through uncounted). `refund(reservations)` gives back exactly what those reservations were
+charged, to the buckets they were charged to.
+
+Every limiter raises only `LimiterError` for a store failure (SQLite or Redis), never the
+store's own exceptions: callers handle all limiters alike.
 """
 
 from __future__ import annotations
 
+import enum
+import math
+import sqlite3
 import time
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import trio
@@ -17,19 +25,99 @@ import trio
 from processor.config import Limits, Settings
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
-from processor.effects.store import RateLimitStore
+from processor.effects.store import SqliteDb, StoreError
 from processor.pure import ratelimit as rl
+
+
+class LimiterErrorKind(enum.Enum):
+    UNAVAILABLE = "unavailable"  # the store cannot be reached (Redis down, timeout): retry later
+    WRITE_FAILED = "write_failed"  # the store refused a write (disk full, read-only, locked)
+    INVALID = "invalid"  # the store cannot be opened or holds data this release cannot read
+
+
+class LimiterError(Exception):
+    """The limiter's store failed: nothing was admitted (or refunded) by this call.
+
+    `kind` says which way; the message names the store and never holds a secret."""
+
+    def __init__(self, kind: LimiterErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Limiter(Protocol):
     name: str
 
     async def admit(self, n: int) -> rl.Decision: ...
-    async def refund(self, reserved_at: float, n: int) -> None: ...
+    async def refund(self, reservations: Sequence[rl.Reservation]) -> None: ...
+    def reservation_at(self, at: float, units: int = 1) -> rl.Reservation: ...
     def usage(self) -> list[rl.TierUsage]: ...
     def now(self) -> float: ...
     @property
     def healthy(self) -> tuple[bool, str | None]: ...
+
+
+# --- the SQLite store --------------------------------------------------------------------
+
+RATE_LIMIT_MIGRATIONS = [
+    """
+    CREATE TABLE counters (period TEXT NOT NULL, bucket INTEGER NOT NULL, units INTEGER NOT NULL,
+                           PRIMARY KEY (period, bucket));
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
+    """,
+]
+
+
+class RateLimitStore:
+    """Counters per (period, bucket) and meta (strategy, zone, high-water mark). Every
+    admission is persisted before the claim. Raises `StoreError`."""
+
+    def __init__(self, path: str) -> None:
+        self.db = SqliteDb(path, RATE_LIMIT_MIGRATIONS, synchronous="FULL")
+
+    def load(self) -> tuple[list[tuple[rl.Period, int, int]], dict[str, str]]:
+        try:
+            rows = [(rl.Period(p), int(b), int(u)) for p, b, u in self.db.query("SELECT period, bucket, units FROM counters")]
+        except ValueError as exc:
+            raise StoreError(f"state store {self.db.path} holds an unknown period: {exc}") from None
+        meta = dict(self.db.query("SELECT key, value FROM meta"))
+        return rows, meta
+
+    def replace_all(self, rows: Iterable[tuple[rl.Period, int, int]], meta: dict[str, str]) -> None:
+        rows = list(rows)
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM counters")
+            c.executemany("INSERT INTO counters VALUES (?, ?, ?)", [(p.value, b, u) for p, b, u in rows])
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
+
+        self.db.tx(fn)
+
+    @staticmethod
+    def _apply(charges: Sequence[rl.Charge], prune: dict[rl.Period, int], high_water: float | None) -> Callable[[sqlite3.Connection], None]:
+        def fn(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (period, bucket) DO UPDATE SET units = units + excluded.units",
+                [(ch.period.value, ch.bucket, ch.units) for ch in charges],
+            )
+            c.execute("DELETE FROM counters WHERE units <= 0")
+            for period, before in prune.items():
+                c.execute("DELETE FROM counters WHERE period = ? AND bucket < ?", (period.value, before))
+            if high_water is not None and math.isfinite(high_water):
+                c.execute("INSERT OR REPLACE INTO meta VALUES ('high_water', ?)", (repr(high_water),))
+
+        return fn
+
+    async def apply(self, charges: Sequence[rl.Charge], prune: dict[rl.Period, int] | None = None, *, high_water: float | None = None) -> None:
+        await self.db.run(self._apply(charges, prune or {}, high_water))
+
+
+def _high_water(meta: dict[str, str]) -> float | None:
+    try:
+        hw = float(meta.get("high_water", "nan"))
+    except ValueError:
+        return None
+    return hw if math.isfinite(hw) else None
 
 
 def limits_map(limits: Limits) -> dict[rl.Period, int]:
@@ -80,10 +168,14 @@ class Unlimited:
         self.now = clock
 
     async def admit(self, n: int) -> rl.Decision:
-        return rl.Decision(n, n)
+        now = self.now()
+        return rl.Decision(n, n, reservations=(rl.Reservation(now, 1, ()),) * n, at=now)
 
-    async def refund(self, reserved_at: float, n: int) -> None:
+    async def refund(self, reservations: Sequence[rl.Reservation]) -> None:
         return None
+
+    def reservation_at(self, at: float, units: int = 1) -> rl.Reservation:
+        return rl.Reservation(at, units, ())
 
     def usage(self) -> list[rl.TierUsage]:
         return []
@@ -94,9 +186,13 @@ class Unlimited:
 
 
 class SqliteLimiter:
+    """The multi-tier limiter with its counters in a SQLite file (one process).
+
+    Raises `LimiterError` (kind INVALID) when the file cannot be opened or read."""
+
     def __init__(
         self,
-        store: RateLimitStore,
+        store: RateLimitStore | str,
         limits: dict[rl.Period, int],
         *,
         strategy: rl.Strategy,
@@ -107,25 +203,31 @@ class SqliteLimiter:
     ) -> None:
         self.name = name
         self.now = clock
-        self._store = store
         self._metrics = metrics
         self._tz_name = tz_name
         tz = zoneinfo.ZoneInfo(tz_name)
         self.state = rl.new_state(limits, strategy=strategy, tz=tz)
-        rows, meta = store.load()
-        old_strategy = meta.get("strategy")
-        if old_strategy and (old_strategy != strategy.value or meta.get("timezone") != tz_name):
-            rows = rl.convert_rows(
-                rows,
-                from_strategy=rl.Strategy(old_strategy),
-                from_tz=zoneinfo.ZoneInfo(meta.get("timezone", "UTC")),
-                to_state=self.state,
-                now=clock(),
-            )
-            store.replace_all(rows, {"strategy": strategy.value, "timezone": tz_name})
-        elif not old_strategy:
-            store.replace_all(rows, {"strategy": strategy.value, "timezone": tz_name})
-        self.state = rl.with_counts(self.state, rows)
+        try:
+            self._store = RateLimitStore(store) if isinstance(store, str) else store
+            rows, meta = self._store.load()
+            old_strategy = meta.get("strategy")
+            hw = _high_water(meta)
+            if old_strategy and (old_strategy != strategy.value or meta.get("timezone") != tz_name):
+                rows = rl.convert_rows(
+                    rows,
+                    from_strategy=rl.Strategy(old_strategy),
+                    from_tz=zoneinfo.ZoneInfo(meta.get("timezone", "UTC")),
+                    to_state=self.state,
+                    now=max(clock(), hw or -math.inf),
+                )
+                self._store.replace_all(rows, {"strategy": strategy.value, "timezone": tz_name})
+            elif not old_strategy:
+                self._store.replace_all(rows, {"strategy": strategy.value, "timezone": tz_name})
+        except StoreError as exc:
+            raise LimiterError(LimiterErrorKind.INVALID, str(exc)) from None
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError) as exc:
+            raise LimiterError(LimiterErrorKind.INVALID, f"rate-limit store holds unreadable meta data: {exc}") from None
+        self.state = rl.with_counts(self.state, rows, high_water=hw)
         self._lock = trio.Lock()
         self._admissions = 0
         self._watch = TierWatch(name, metrics)
@@ -136,7 +238,16 @@ class SqliteLimiter:
         db = self._store.db
         return db.writable, db.last_error
 
+    async def _write(self, charges: Sequence[rl.Charge], prune: dict[rl.Period, int] | None = None, high_water: float | None = None) -> None:
+        try:
+            await self._store.apply(charges, prune, high_water=high_water)
+        except StoreError as exc:
+            raise LimiterError(LimiterErrorKind.WRITE_FAILED, str(exc)) from None
+        except (sqlite3.Error, OSError) as exc:  # anything the store did not classify itself
+            raise LimiterError(LimiterErrorKind.WRITE_FAILED, f"{self._store.db.path}: {type(exc).__name__}: {exc}") from None
+
     async def admit(self, n: int) -> rl.Decision:
+        """Reserve up to `n` units now. Raises `LimiterError` (nothing admitted)."""
         async with self._lock:
             t0 = time.perf_counter()
             now = self.now()
@@ -144,7 +255,9 @@ class SqliteLimiter:
             if decision.charges:
                 self._admissions += 1
                 prune = {t.period: rl.prune_before(new_state, t.period, now) for t in new_state.tiers} if self._admissions % 200 == 0 else None
-                await self._store.apply(decision.charges, prune)  # raises StoreError: nothing admitted
+                await self._write(decision.charges, prune, new_state.high_water)  # nothing admitted if it fails
+            # Without charges the high-water mark moves in memory only: the stored one is never
+            # below a stored charge, which is all a restart needs.
             self.state = new_state
             if self._metrics is not None:
                 self._metrics.rl_check.observe(time.perf_counter() - t0)
@@ -154,15 +267,20 @@ class SqliteLimiter:
             self._watch.update(rl.usage(self.state, now), decision.retry_at)
             return decision
 
-    async def refund(self, reserved_at: float, n: int) -> None:
-        if n <= 0:
+    async def refund(self, reservations: Sequence[rl.Reservation]) -> None:
+        """Give back what `reservations` were charged. Raises `LimiterError` (nothing given back)."""
+        if not reservations:
             return
         async with self._lock:
-            new_state, charges = rl.refund(self.state, reserved_at, n)
+            new_state, charges = rl.refund(self.state, reservations)
             if charges:
-                await self._store.apply(charges)
+                await self._write(charges)
             self.state = new_state
             self._watch.update(rl.usage(self.state, self.now()))
+
+    def reservation_at(self, at: float, units: int = 1) -> rl.Reservation:
+        """The reservation an admission at `at` (a stored `Reservation.at`) made."""
+        return rl.reservation_at(self.state, at, units)
 
     def usage(self) -> list[rl.TierUsage]:
         return rl.usage(self.state, self.now())
@@ -174,6 +292,6 @@ def build_limiter(
     if not settings.rate_limit_enabled or not limits.enabled():
         return Unlimited(clock)
     return SqliteLimiter(
-        RateLimitStore(path), limits_map(limits), strategy=settings.rate_limit_strategy, tz_name=settings.rate_limit_timezone,
+        path, limits_map(limits), strategy=settings.rate_limit_strategy, tz_name=settings.rate_limit_timezone,
         metrics=metrics, clock=clock, name=name,
     )

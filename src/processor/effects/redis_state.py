@@ -29,18 +29,30 @@ import coredis
 import trio
 
 from processor.config import Limits, Settings
-from processor.effects.limiter import TierWatch, Unlimited, format_usage, limits_map
+from processor.effects.limiter import LimiterError, LimiterErrorKind, TierWatch, Unlimited, format_usage, limits_map
 from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
 from processor.pure import ratelimit as rl
 
+# KEYS: one hash per tier (bucket -> units), then the high-water key. ARGV: n, now, then per
+# tier: limit, bucket, cutoff, ttl_ms. A `now` earlier than the high-water mark (Redis's clock
+# stepped back) admits nothing and returns {-1, mark}: the client recomputes the buckets at
+# the mark and asks again, so no admission is ever evaluated before one already made.
 ADMIT_LUA = """
 local n = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+local tiers = #KEYS - 1
+local hwkey = KEYS[#KEYS]
+local hw = redis.call('GET', hwkey)
+if hw and tonumber(hw) > now then return {-1, hw} end
 local room = n
-for i = 1, #KEYS do
-  local base = 1 + (i - 1) * 4
+local maxttl = 0
+for i = 1, tiers do
+  local base = 2 + (i - 1) * 4
   local limit = tonumber(ARGV[base + 1])
   local cutoff = tonumber(ARGV[base + 3])
+  local ttl = tonumber(ARGV[base + 4])
+  if ttl > maxttl then maxttl = ttl end
   local h = redis.call('HGETALL', KEYS[i])
   local used = 0
   for j = 1, #h, 2 do
@@ -53,33 +65,47 @@ for i = 1, #KEYS do
   if limit - used < room then room = limit - used end
 end
 if room < 0 then room = 0 end
+redis.call('SET', hwkey, ARGV[2], 'PX', maxttl)
 if room > 0 then
-  for i = 1, #KEYS do
-    local base = 1 + (i - 1) * 4
+  for i = 1, tiers do
+    local base = 2 + (i - 1) * 4
     redis.call('HINCRBY', KEYS[i], ARGV[base + 2], room)
     redis.call('PEXPIRE', KEYS[i], ARGV[base + 4])
   end
 end
-local out = {room}
-for i = 1, #KEYS do out[#out + 1] = redis.call('HGETALL', KEYS[i]) end
+local out = {room, ARGV[2]}
+for i = 1, tiers do out[#out + 1] = redis.call('HGETALL', KEYS[i]) end
 return out
 """
 
-REFUND_LUA = """
-local n = tonumber(ARGV[1])
+# KEYS: one hash per tier. ARGV: per tier, a count c then c pairs (bucket, signed amount).
+# A negative amount gives back at most what the bucket holds (never below zero).
+APPLY_LUA = """
 local out = {}
+local pos = 1
 for i = 1, #KEYS do
-  local have = tonumber(redis.call('HGET', KEYS[i], ARGV[i + 1]) or '0')
-  local back = math.min(have, n)
-  if back > 0 then redis.call('HINCRBY', KEYS[i], ARGV[i + 1], -back) end
+  local c = tonumber(ARGV[pos]); pos = pos + 1
+  for j = 1, c do
+    local b, amount = ARGV[pos], tonumber(ARGV[pos + 1]); pos = pos + 2
+    if amount < 0 then
+      local have = tonumber(redis.call('HGET', KEYS[i], b) or '0')
+      local back = math.min(have, -amount)
+      if back > 0 then
+        if have - back > 0 then redis.call('HINCRBY', KEYS[i], b, -back) else redis.call('HDEL', KEYS[i], b) end
+      end
+    elseif amount > 0 then
+      redis.call('HINCRBY', KEYS[i], b, amount)
+    end
+  end
   out[#out + 1] = redis.call('HGETALL', KEYS[i])
 end
 return out
 """
 
+# KEYS: one hash per tier, then the high-water key.
 STATE_LUA = """
-local out = {}
-for i = 1, #KEYS do out[#out + 1] = redis.call('HGETALL', KEYS[i]) end
+local out = {redis.call('GET', KEYS[#KEYS]) or ''}
+for i = 1, #KEYS - 1 do out[#out + 1] = redis.call('HGETALL', KEYS[i]) end
 return out
 """
 
@@ -140,7 +166,7 @@ class RedisShared:
         self.unavailable: str | None = None
         self._log = get_logger("redis")
         self._scripts = {name: client.register_script(src) for name, src in (
-            ("admit", ADMIT_LUA), ("refund", REFUND_LUA), ("state", STATE_LUA), ("time", TIME_LUA),
+            ("admit", ADMIT_LUA), ("apply", APPLY_LUA), ("state", STATE_LUA), ("time", TIME_LUA),
             ("acquire", ACQUIRE_LUA), ("renew", RENEW_LUA), ("release", RELEASE_LUA), ("complete", COMPLETE_LUA), ("live", LIVE_LUA))}
         self.round_trips = 0
 
@@ -186,7 +212,9 @@ def _pairs(flat: Sequence[Any]) -> dict[int, int]:
 
 
 class RedisLimiter:
-    """The multi-tier limiter with its counters in Redis (same interface as SqliteLimiter)."""
+    """The multi-tier limiter with its counters in Redis (same interface as SqliteLimiter).
+
+    Raises only `LimiterError` (kind UNAVAILABLE when Redis cannot be reached)."""
 
     def __init__(self, shared: RedisShared, limits: dict[rl.Period, int], *, strategy: rl.Strategy, tz_name: str,
                  metrics: Metrics | None, name: str = "global") -> None:
@@ -198,6 +226,7 @@ class RedisLimiter:
         self.state = self._base
         self._offset = 0.0  # Redis time minus local time, for usage() between calls
         self._keys = [f"{shared.prefix}:rl:{name}:{strategy.value}:{tz_name}:{t.period.value}" for t in self._base.tiers]
+        self._hw_key = f"{shared.prefix}:rl:{name}:high_water"
         self._watch = TierWatch(name, metrics, shared="redis")
 
     def now(self) -> float:
@@ -222,23 +251,45 @@ class RedisLimiter:
             args += [tier.limit, bucket, cutoff, int(ttl * 1000)]
         return args
 
-    def _load(self, hashes: Sequence[Sequence[Any]]) -> None:
+    def _load(self, hashes: Sequence[Sequence[Any]], high_water: float | None = None) -> None:
         rows = [(tier.period, b, c) for tier, flat in zip(self._base.tiers, hashes, strict=True) for b, c in _pairs(flat).items()]
-        self.state = rl.with_counts(self._base, rows)
+        hw = self.state.high_water if high_water is None else max(self.state.high_water, high_water)
+        self.state = rl.with_counts(self._base, rows, high_water=hw)
+
+    async def _call(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._shared.call(script, keys, args)
+        except RedisUnavailable as exc:
+            raise LimiterError(LimiterErrorKind.UNAVAILABLE, f"redis: {exc}") from None
 
     async def admit(self, n: int) -> rl.Decision:
+        """Reserve up to `n` units at Redis's time. Raises `LimiterError` (nothing admitted)."""
         if not self._base.tiers:
-            return rl.Decision(n, n)
-        now = await self._shared.now()  # Redis's clock: replicas with skewed clocks agree
+            now = self.now()
+            return rl.Decision(n, n, reservations=(rl.Reservation(now, 1, ()),) * n, at=now)
+        try:
+            now = await self._shared.now()  # Redis's clock: replicas with skewed clocks agree
+        except RedisUnavailable as exc:
+            raise LimiterError(LimiterErrorKind.UNAVAILABLE, f"redis: {exc}") from None
         self._offset = now - time.time()
         return await self.admit_at(n, now)
 
     async def admit_at(self, n: int, now: float) -> rl.Decision:
-        """One atomic admission at Redis time `now` (the script applies the pure rule)."""
+        """One atomic admission at Redis time `now` (the script applies the pure rule), or at
+        the shared high-water mark when `now` is earlier than it."""
         t0 = time.perf_counter()
-        out = await self._shared.call("admit", self._keys, [n, *self._tier_args(now)])
-        admitted = int(out[0])
-        self._load(out[1:])
+        try:
+            for _ in range(5):  # the mark only moves forward: a retry at it succeeds unless another replica moved it
+                out = await self._call("admit", [*self._keys, self._hw_key], [n, repr(now), *self._tier_args(now)])
+                if int(out[0]) >= 0:
+                    break
+                now = float(out[1])
+            else:
+                raise LimiterError(LimiterErrorKind.UNAVAILABLE, "redis: the shared clock mark kept moving; try again")
+            admitted = int(out[0])
+            self._load(out[2:], now)
+        except (ValueError, TypeError, IndexError) as exc:
+            raise LimiterError(LimiterErrorKind.INVALID, f"redis: unexpected answer from the admission script: {exc}") from None
         exhausted = tuple(u.period for u in rl.usage(self.state, now) if u.remaining <= 0)
         retry_at = rl.next_free_at(self.state, now) if admitted < n else None
         if self._metrics is not None:
@@ -247,18 +298,38 @@ class RedisLimiter:
                 for p in exhausted:
                     self._metrics.rl_exceeded.labels(p.value).inc()
         self._watch.update(rl.usage(self.state, now), retry_at)
-        return rl.Decision(n, admitted, (), retry_at, exhausted)
+        one = rl.reservation_at(self._base, now, 1)
+        charges = tuple(rl.Charge(c.period, c.bucket, admitted) for c in one.charges) if admitted else ()
+        return rl.Decision(n, admitted, charges, retry_at, exhausted, (one,) * admitted, now)
 
-    async def refund(self, reserved_at: float, n: int) -> None:
-        if n <= 0 or not self._base.tiers:
+    async def refund(self, reservations: Sequence[rl.Reservation]) -> None:
+        """Give back what `reservations` were charged. Raises `LimiterError`."""
+        if not reservations or not self._base.tiers:
             return
-        buckets = [rl.bucket_of(self._base.strategy, self._tz, t.period, reserved_at) for t in self._base.tiers]
-        out = await self._shared.call("refund", self._keys, [n, *buckets])
-        self._load(out)
+        wanted = rl.merge(reservations)
+        args: list[Any] = []
+        for tier in self._base.tiers:
+            pairs = [(b, n) for (p, b), n in sorted(wanted.items(), key=lambda kv: kv[0][1]) if p is tier.period and n > 0]
+            args.append(len(pairs))
+            for b, n in pairs:
+                args += [b, -n]
+        out = await self._call("apply", self._keys, args)
+        try:
+            self._load(out)
+        except (ValueError, TypeError) as exc:
+            raise LimiterError(LimiterErrorKind.INVALID, f"redis: unexpected answer from the refund script: {exc}") from None
         self._watch.update(self.usage())
 
+    def reservation_at(self, at: float, units: int = 1) -> rl.Reservation:
+        return rl.reservation_at(self._base, at, units)
+
     async def refresh(self) -> None:
-        self._load(await self._shared.call("state", self._keys, []))
+        """Read the shared counters (for `limits` and /health). Raises `LimiterError`."""
+        out = await self._call("state", [*self._keys, self._hw_key], [])
+        try:
+            self._load(out[1:], float(out[0]) if out[0] else None)
+        except (ValueError, TypeError) as exc:
+            raise LimiterError(LimiterErrorKind.INVALID, f"redis: unexpected answer from the state script: {exc}") from None
 
     def usage(self) -> list[rl.TierUsage]:
         return rl.usage(self.state, self.now())
@@ -395,7 +466,7 @@ async def print_redis_limits(settings: Settings) -> int:
             await limiter.refresh()
             now = await shared.now()
             limiter._offset = now - time.time()
-        except RedisUnavailable as exc:
+        except (LimiterError, RedisUnavailable) as exc:
             print(f"processor: redis unavailable: {exc}")
             return 1
     print(f"store: redis  strategy: {settings.rate_limit_strategy.value}  zone: {settings.rate_limit_timezone}")

@@ -15,14 +15,12 @@ from __future__ import annotations
 import os
 import sqlite3
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
 import trio
-
-from processor.pure.ratelimit import Charge, Period
 
 T = TypeVar("T")
 
@@ -116,57 +114,7 @@ class SqliteDb:
         self._conn.close()
 
 
-# --- rate limits -----------------------------------------------------------------------
-
-RATE_LIMIT_MIGRATIONS = [
-    """
-    CREATE TABLE counters (period TEXT NOT NULL, bucket INTEGER NOT NULL, units INTEGER NOT NULL,
-                           PRIMARY KEY (period, bucket));
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
-    """,
-]
-
-
-class RateLimitStore:
-    """Counters per (period, bucket). Every admission is persisted before the claim."""
-
-    def __init__(self, path: str) -> None:
-        self.db = SqliteDb(path, RATE_LIMIT_MIGRATIONS, synchronous="FULL")
-
-    def load(self) -> tuple[list[tuple[Period, int, int]], dict[str, str]]:
-        try:
-            rows = [(Period(p), int(b), int(u)) for p, b, u in self.db.query("SELECT period, bucket, units FROM counters")]
-        except ValueError as exc:
-            raise StoreError(f"state store {self.db.path} holds an unknown period: {exc}") from None
-        meta = dict(self.db.query("SELECT key, value FROM meta"))
-        return rows, meta
-
-    def replace_all(self, rows: Iterable[tuple[Period, int, int]], meta: dict[str, str]) -> None:
-        rows = list(rows)
-
-        def fn(c: sqlite3.Connection) -> None:
-            c.execute("DELETE FROM counters")
-            c.executemany("INSERT INTO counters VALUES (?, ?, ?)", [(p.value, b, u) for p, b, u in rows])
-            c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
-
-        self.db.tx(fn)
-
-    @staticmethod
-    def _apply(charges: Sequence[Charge], prune: dict[Period, int]) -> Callable[[sqlite3.Connection], None]:
-        def fn(c: sqlite3.Connection) -> None:
-            c.executemany(
-                "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (period, bucket) DO UPDATE SET units = units + excluded.units",
-                [(ch.period.value, ch.bucket, ch.units) for ch in charges],
-            )
-            c.execute("DELETE FROM counters WHERE units <= 0")
-            for period, before in prune.items():
-                c.execute("DELETE FROM counters WHERE period = ? AND bucket < ?", (period.value, before))
-
-        return fn
-
-    async def apply(self, charges: Sequence[Charge], prune: dict[Period, int] | None = None) -> None:
-        await self.db.run(self._apply(charges, prune or {}))
-
+# --- rate limits: `processor.effects.limiter.RateLimitStore` (on `SqliteDb`) ----------------
 
 
 # --- journal and outbox ------------------------------------------------------------------

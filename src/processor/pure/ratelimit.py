@@ -2,8 +2,17 @@
 
 One unit is one task sent to a backend. `admit(state, now, n)` reserves up to `n` units,
 all-or-nothing across tiers (every admitted unit is charged on every tier) and partial
-across units ("3 of the 5 fit"). `refund(state, reserved_at, n)` gives back units that
-never reached a backend.
+across units ("3 of the 5 fit"). The decision carries one `Reservation` per admitted unit:
+the exact instant and bucket per tier it was charged to. `refund(state, reservations)`
+gives back units that never reached a backend to those same buckets, however much later
+it runs (a refund read from a later clock could land in the next period at a fixed-window
+edge and free room that was never used).
+
+The clock may step back (NTP, a VM restored, a Redis failover). The state keeps a high-water
+mark of every `now` it has seen (persisted with the charges) and evaluates every admission
+at `max(now, high_water)`: a clock that steps back across a period edge never re-opens a
+period already used. Seen from real time, effective time then advances no faster than real
+time, so no real window holds more than a window of effective time does.
 
 Counters live in buckets so that state is bounded whatever the traffic:
 
@@ -72,6 +81,12 @@ class LimiterState:
     strategy: Strategy
     tz: tzinfo
     tiers: tuple[Tier, ...]
+    high_water: float = -math.inf  # the latest `now` seen; admissions are never evaluated earlier
+
+
+def effective_now(state: LimiterState, now: float) -> float:
+    """The instant the limiter evaluates `now` at: never earlier than one already seen."""
+    return max(now, state.high_water)
 
 
 @attrs.frozen
@@ -84,12 +99,24 @@ class Charge:
 
 
 @attrs.frozen
+class Reservation:
+    """What one admitted unit was charged: the instant (after the high-water clamp) and the
+    bucket per tier. Hand it back to `refund` as is; it never needs the clock again."""
+
+    at: float
+    units: int
+    charges: tuple[Charge, ...]  # one per tier that was on: (period, bucket, units)
+
+
+@attrs.frozen
 class Decision:
     requested: int
     admitted: int
     charges: tuple[Charge, ...] = ()
     retry_at: float | None = None  # when a unit may fit again, if not all were admitted
     exhausted: tuple[Period, ...] = ()  # tiers with no room left after this decision
+    reservations: tuple[Reservation, ...] = ()  # one per admitted unit, in order
+    at: float | None = None  # the instant this decision was evaluated at (effective time)
 
 
 @attrs.frozen
@@ -186,10 +213,12 @@ def _free_at(state: LimiterState, tier: Tier, now: float, need: int) -> float:
 
 def next_free_at(state: LimiterState, now: float, need: int = 1) -> float:
     """Earliest time at which `need` more units fit in every tier (no other admissions)."""
-    return max((_free_at(state, t, now, need) for t in state.tiers), default=now)
+    t = effective_now(state, now)
+    return max((_free_at(state, tier, t, need) for tier in state.tiers), default=t)
 
 
 def usage(state: LimiterState, now: float) -> list[TierUsage]:
+    now = effective_now(state, now)
     out = []
     for tier in state.tiers:
         counted = _counted(state, tier, now)
@@ -205,7 +234,7 @@ def usage(state: LimiterState, now: float) -> list[TierUsage]:
 
 
 def _prune(state: LimiterState, tier: Tier, now: float) -> dict[int, int]:
-    """Drop buckets that can never count again (time only moves forward in the shell)."""
+    """Drop buckets that can never count again (effective time never moves back)."""
     if state.strategy is Strategy.FIXED:
         start = bucket_of(state.strategy, state.tz, tier.period, now)
         return {b: n for b, n in tier.buckets.items() if b >= start}
@@ -214,65 +243,93 @@ def _prune(state: LimiterState, tier: Tier, now: float) -> dict[int, int]:
 
 
 def admit(state: LimiterState, now: float, n: int) -> tuple[LimiterState, Decision]:
-    """Reserve up to `n` units at time `now`."""
+    """Reserve up to `n` units at time `now` (evaluated at `effective_now(state, now)`)."""
     if n < 0:
         raise ValueError("n must be >= 0")
+    t = effective_now(state, now)
     if not state.tiers:
-        return state, Decision(n, n)
-    room = min(t.limit - _used(state, t, now) for t in state.tiers)
+        return attrs.evolve(state, high_water=t), Decision(n, n, reservations=(Reservation(t, 1, ()),) * n, at=t)
+    room = min(tier.limit - _used(state, tier, t) for tier in state.tiers)
     k = max(0, min(n, room))
     new_tiers = []
     charges = []
     for tier in state.tiers:
-        buckets = _prune(state, tier, now)
+        buckets = _prune(state, tier, t)
         if k:
-            key = bucket_of(state.strategy, state.tz, tier.period, now)
+            key = bucket_of(state.strategy, state.tz, tier.period, t)
             buckets[key] = buckets.get(key, 0) + k
             charges.append(Charge(tier.period, key, k))
         new_tiers.append(attrs.evolve(tier, buckets=buckets))
-    new_state = attrs.evolve(state, tiers=tuple(new_tiers))
-    exhausted = tuple(t.period for t in new_state.tiers if _used(new_state, t, now) >= t.limit)
-    retry_at = next_free_at(new_state, now) if k < n else None
-    return new_state, Decision(n, k, tuple(charges), retry_at, exhausted)
+    new_state = attrs.evolve(state, tiers=tuple(new_tiers), high_water=t)
+    exhausted = tuple(tier.period for tier in new_state.tiers if _used(new_state, tier, t) >= tier.limit)
+    retry_at = next_free_at(new_state, t) if k < n else None
+    one = Reservation(t, 1, tuple(Charge(c.period, c.bucket, 1) for c in charges))
+    return new_state, Decision(n, k, tuple(charges), retry_at, exhausted, (one,) * k, t)
 
 
-def refund(state: LimiterState, reserved_at: float, n: int) -> tuple[LimiterState, tuple[Charge, ...]]:
-    """Give back `n` units reserved at `reserved_at` (never below zero)."""
+def reservation_at(state: LimiterState, at: float, units: int = 1) -> Reservation:
+    """The reservation an admission evaluated at `at` made (to refund from a stored instant:
+    `Reservation.at` is exact, so its buckets are the ones charged while the strategy and
+    time zone are unchanged)."""
+    return Reservation(at, units, tuple(Charge(t.period, bucket_of(state.strategy, state.tz, t.period, at), units) for t in state.tiers))
+
+
+def merge(reservations: Iterable[Reservation]) -> dict[tuple[Period, int], int]:
+    """Units per (tier, bucket) held by these reservations together."""
+    out: dict[tuple[Period, int], int] = {}
+    for r in reservations:
+        for c in r.charges:
+            out[(c.period, c.bucket)] = out.get((c.period, c.bucket), 0) + c.units
+    return out
+
+
+def refund(state: LimiterState, reservations: Iterable[Reservation]) -> tuple[LimiterState, tuple[Charge, ...]]:
+    """Give back what these reservations were charged, to the buckets they were charged to
+    (never below zero; a bucket already pruned has nothing left to give back)."""
+    wanted = merge(reservations)
     new_tiers = []
     charges = []
     for tier in state.tiers:
-        key = bucket_of(state.strategy, state.tz, tier.period, reserved_at)
-        have = tier.buckets.get(key, 0)
-        back = min(have, n)
-        if back:
-            buckets = dict(tier.buckets)
-            if have - back:
-                buckets[key] = have - back
-            else:
-                del buckets[key]
-            charges.append(Charge(tier.period, key, -back))
-            tier = attrs.evolve(tier, buckets=buckets)
-        new_tiers.append(tier)
+        buckets = dict(tier.buckets)
+        for (period, key), n in sorted(wanted.items(), key=lambda kv: (kv[0][0].value, kv[0][1])):
+            if period is not tier.period or n <= 0:
+                continue
+            have = buckets.get(key, 0)
+            back = min(have, n)
+            if back:
+                if have - back:
+                    buckets[key] = have - back
+                else:
+                    del buckets[key]
+                charges.append(Charge(tier.period, key, -back))
+        new_tiers.append(attrs.evolve(tier, buckets=buckets))
     return attrs.evolve(state, tiers=tuple(new_tiers)), tuple(charges)
 
 
-def with_counts(state: LimiterState, rows: Iterable[tuple[Period, int, int]]) -> LimiterState:
+def with_counts(
+    state: LimiterState, rows: Iterable[tuple[Period, int, int]], *, high_water: float | None = None
+) -> LimiterState:
     """Load persisted counters (period, bucket, units) into a fresh state.
 
     Rows for tiers that are now off are ignored; a limit changed between runs applies to
-    the counts already used.
+    the counts already used. The high-water mark is the stored one, and never earlier than
+    the latest bucket loaded (a store written before the mark existed).
     """
     by_period: dict[Period, dict[int, int]] = {t.period: dict(t.buckets) for t in state.tiers}
+    hw = state.high_water if high_water is None else max(state.high_water, high_water)
     for period, bucket, units in rows:
+        if units > 0:
+            hw = max(hw, float(bucket))
         if period in by_period and units > 0:
             by_period[period][bucket] = by_period[period].get(bucket, 0) + units
     return attrs.evolve(
-        state, tiers=tuple(attrs.evolve(t, buckets=by_period[t.period]) for t in state.tiers)
+        state, tiers=tuple(attrs.evolve(t, buckets=by_period[t.period]) for t in state.tiers), high_water=hw
     )
 
 
 def prune_before(state: LimiterState, period: Period, now: float) -> int:
     """Bucket keys below this value can be deleted from storage."""
+    now = effective_now(state, now)
     if state.strategy is Strategy.FIXED:
         return bucket_of(state.strategy, state.tz, period, now)
     return math.floor(now - ROLLING_WINDOW[period] - GRANULARITY[period] - SLACK)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import trio
 
 from processor.effects.api import ApiError
+from processor.effects.limiter import LimiterError
 from processor.effects.store import ClaimRow, StoreError
+from processor.pure.ratelimit import Reservation
 from processor.pure.retry import ErrorKind
 from processor.pure.tasks import Backend, Task
 from processor.runtime import Runtime
@@ -43,7 +45,7 @@ async def claimer(rt: Runtime, intake: trio.MemoryReceiveChannel[Task], claimed:
                 continue
             try:
                 await rt.journal.add_claims([
-                    ClaimRow(t.id, t.text, t.model, t.backend.value, t.created_at, rt.wall(), rt.held[t.id].reserved_at)
+                    ClaimRow(t.id, t.text, t.model, t.backend.value, t.created_at, rt.wall(), _reserved_at(rt.held[t.id].reservation))
                     for t in admitted
                 ])
             except StoreError as exc:
@@ -88,39 +90,51 @@ async def admit(rt: Runtime, group: list[Task], log) -> list[Task]:
         return []
     try:
         decision = await rt.limiter.admit(len(group))
-    except Exception as exc:  # the store cannot count: nothing goes through uncounted
-        log.error("rate_limit_store_failed", error=str(exc))
-        await rt.leases.release([t.id for t in group])
-        for t in group:
-            rt.unhold(t.id, finished=False)
-        rt.admission_paused_until = trio.current_time() + 5.0
+    except LimiterError as exc:  # the store cannot count: nothing goes through uncounted
+        await _limiter_failed(rt, group, exc, log)
         return []
-    now = rt.limiter.now()
     admitted, refused = group[: decision.admitted], group[decision.admitted :]
-    for t in admitted:
-        rt.held[t.id].reserved_at = now
+    for t, r in zip(admitted, decision.reservations, strict=False):
+        rt.held[t.id].reservation = r
     openai = [t for t in admitted if t.backend is Backend.OPENAI]
     if openai:
-        od = await rt.openai_limiter.admit(len(openai))
-        onow = rt.openai_limiter.now()
+        try:
+            od = await rt.openai_limiter.admit(len(openai))
+        except LimiterError as exc:  # the same as the global limiter: claim nothing, retry later
+            await rt.refund([rt.held[t.id] for t in admitted])
+            await _limiter_failed(rt, group, exc, log)
+            return []
         over = openai[od.admitted :]
-        for t in openai[: od.admitted]:
-            rt.held[t.id].openai_reserved_at = onow
+        for t, r in zip(openai, od.reservations, strict=False):
+            rt.held[t.id].openai_reservation = r
         if over:
             await rt.refund([rt.held[t.id] for t in over])
             over_ids = {t.id for t in over}
             refused += over
             admitted = [t for t in admitted if t.id not in over_ids]
             if od.retry_at is not None:
-                _pause(rt, od.retry_at - onow)
+                _pause(rt, od.retry_at - rt.openai_limiter.now())
     if refused:
         await rt.leases.release([t.id for t in refused])
         for t in refused:
             rt.unhold(t.id, finished=False)
         if decision.retry_at is not None:
-            _pause(rt, decision.retry_at - now)
-            log.info("rate_limited", admitted=len(admitted), refused=len(refused), resume_in=round(decision.retry_at - now, 3))
+            resume_in = decision.retry_at - rt.limiter.now()
+            _pause(rt, resume_in)
+            log.info("rate_limited", admitted=len(admitted), refused=len(refused), resume_in=round(resume_in, 3))
     return admitted
+
+
+def _reserved_at(r: Reservation | None) -> float | None:
+    return None if r is None else r.at
+
+
+async def _limiter_failed(rt: Runtime, group: list[Task], exc: LimiterError, log) -> None:
+    log.error("rate_limit_store_failed", kind=exc.kind.value, error=str(exc))
+    await rt.leases.release([t.id for t in group])
+    for t in group:
+        rt.unhold(t.id, finished=False)
+    rt.admission_paused_until = trio.current_time() + 5.0
 
 
 def _pause(rt: Runtime, seconds: float) -> None:

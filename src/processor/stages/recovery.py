@@ -33,7 +33,7 @@ async def recover(rt: Runtime) -> None:
         log.info("journal_release", count=len(orphans))
         for claim in orphans:
             h = Held(Task(claim.task_id, claim.text, claim.model, Backend(claim.backend), claim.created_at), claimed=True)
-            h.reserved_at = claim.reserved_at
+            h.reservation = None if claim.reserved_at is None else rt.limiter.reservation_at(claim.reserved_at)
             rt.held[claim.task_id] = h
         await rt.release([r.task_id for r in orphans], reason="recovered_at_start")
     rt.metrics.in_flight.set(len(rt.held))
