@@ -11,10 +11,11 @@ from zoneinfo import ZoneInfo
 import pytest
 import trio
 
-from processor.effects.limiter import LimiterError, LimiterErrorKind, RateLimitStore, SqliteLimiter
+from processor.effects.limiter import LimiterError, RateLimitStore, SqliteLimiter
 from processor.effects.metrics import Metrics
 from processor.effects.store import StoreError
 from processor.pure import ratelimit as rl
+from processor.pure.faults import Fault
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -79,7 +80,7 @@ def test_a_corrupt_store_is_a_clear_error_never_a_reset(tmp_path):
     assert str(p) in str(info.value)
     with pytest.raises(LimiterError) as err:  # the limiter raises its own error, never the store's
         limiter(p, Clock(T0))
-    assert err.value.kind is LimiterErrorKind.INVALID and str(p) in str(err.value)
+    assert err.value.kind is Fault.MALFORMED and str(p) in str(err.value)
 
 
 def test_a_store_from_a_newer_release_is_refused(tmp_path):
@@ -113,7 +114,7 @@ async def test_a_write_failure_admits_nothing_and_marks_the_store_unhealthy(tmp_
     con.close()
     with pytest.raises(LimiterError, match="disk full") as info:
         await a.admit(5)
-    assert info.value.kind is LimiterErrorKind.WRITE_FAILED
+    assert info.value.kind is Fault.SERVER
     ok, err = a.healthy
     assert not ok and "disk full" in err
     assert a.usage()[0].used == 1  # nothing went through uncounted

@@ -281,7 +281,8 @@ async def test_a_redis_refund_goes_back_to_the_bucket_it_was_charged_to():
 
 
 async def test_an_unreachable_redis_is_a_limiter_error_never_a_coredis_one():
-    from processor.effects.limiter import LimiterError, LimiterErrorKind
+    from processor.effects.limiter import LimiterError
+    from processor.pure.faults import Dependency, Fault
 
     client = coredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", decode_responses=True, connect_timeout=0.5)
     async with client:
@@ -290,7 +291,7 @@ async def test_an_unreachable_redis_is_a_limiter_error_never_a_coredis_one():
         for call in (lambda: lim.admit(1), lambda: lim.refund([lim.reservation_at(1_790_000_000.0)]), lim.refresh):
             with pytest.raises(LimiterError) as info:
                 await call()
-            assert info.value.kind is LimiterErrorKind.UNAVAILABLE
+            assert info.value.kind is Fault.UNREACHABLE and info.value.dependency is Dependency.REDIS
 
 
 async def test_leases_are_exclusive_renewed_and_marked_done():

@@ -12,7 +12,6 @@ store's own exceptions: callers handle all limiters alike.
 
 from __future__ import annotations
 
-import enum
 import math
 import sqlite3
 import time
@@ -27,22 +26,20 @@ from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
 from processor.effects.store import SqliteDb, StoreError
 from processor.pure import ratelimit as rl
+from processor.pure.faults import Dependency, DependencyError, Fault
 
 
-class LimiterErrorKind(enum.Enum):
-    UNAVAILABLE = "unavailable"  # the store cannot be reached (Redis down, timeout): retry later
-    WRITE_FAILED = "write_failed"  # the store refused a write (disk full, read-only, locked)
-    INVALID = "invalid"  # the store cannot be opened or holds data this release cannot read
-
-
-class LimiterError(Exception):
+class LimiterError(DependencyError):
     """The limiter's store failed: nothing was admitted (or refunded) by this call.
 
-    `kind` says which way; the message names the store and never holds a secret."""
+    `dependency` is `STORE` (SQLite) or `REDIS`; `kind` (= `fault`) says which way:
+    `UNREACHABLE` (Redis down or too slow: try again later), `SERVER` (the store refused a
+    write: disk full, read-only, locked), `MALFORMED` (the store cannot be opened, or holds
+    data or answers this release cannot read). The message never holds a secret."""
 
-    def __init__(self, kind: LimiterErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+    def __init__(self, kind: Fault, message: str, *, dependency: Dependency = Dependency.STORE) -> None:
+        super().__init__(message, kind)
+        self.dependency = dependency
 
 
 class Limiter(Protocol):
@@ -224,9 +221,9 @@ class SqliteLimiter:
             elif not old_strategy:
                 self._store.replace_all(rows, {"strategy": strategy.value, "timezone": tz_name})
         except StoreError as exc:
-            raise LimiterError(LimiterErrorKind.INVALID, str(exc)) from None
+            raise LimiterError(Fault.MALFORMED, str(exc)) from None
         except (ValueError, zoneinfo.ZoneInfoNotFoundError) as exc:
-            raise LimiterError(LimiterErrorKind.INVALID, f"rate-limit store holds unreadable meta data: {exc}") from None
+            raise LimiterError(Fault.MALFORMED, f"rate-limit store holds unreadable meta data: {exc}") from None
         self.state = rl.with_counts(self.state, rows, high_water=hw)
         self._lock = trio.Lock()
         self._admissions = 0
@@ -242,9 +239,9 @@ class SqliteLimiter:
         try:
             await self._store.apply(charges, prune, high_water=high_water)
         except StoreError as exc:
-            raise LimiterError(LimiterErrorKind.WRITE_FAILED, str(exc)) from None
+            raise LimiterError(Fault.SERVER, str(exc)) from None
         except (sqlite3.Error, OSError) as exc:  # anything the store did not classify itself
-            raise LimiterError(LimiterErrorKind.WRITE_FAILED, f"{self._store.db.path}: {type(exc).__name__}: {exc}") from None
+            raise LimiterError(Fault.SERVER, f"{self._store.db.path}: {type(exc).__name__}: {exc}") from None
 
     async def admit(self, n: int) -> rl.Decision:
         """Reserve up to `n` units now. Raises `LimiterError` (nothing admitted)."""

@@ -29,10 +29,11 @@ import coredis
 import trio
 
 from processor.config import Limits, Settings
-from processor.effects.limiter import LimiterError, LimiterErrorKind, TierWatch, Unlimited, format_usage, limits_map
+from processor.effects.limiter import LimiterError, TierWatch, Unlimited, format_usage, limits_map
 from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
 from processor.pure import ratelimit as rl
+from processor.pure.faults import Dependency, Fault
 
 # KEYS: one hash per tier (bucket -> units), then the high-water key. ARGV: n, now, then per
 # tier: limit, bucket, cutoff, ttl_ms. A `now` earlier than the high-water mark (Redis's clock
@@ -260,7 +261,7 @@ class RedisLimiter:
         try:
             return await self._shared.call(script, keys, args)
         except RedisUnavailable as exc:
-            raise LimiterError(LimiterErrorKind.UNAVAILABLE, f"redis: {exc}") from None
+            raise LimiterError(Fault.UNREACHABLE, f"redis: {exc}", dependency=Dependency.REDIS) from None
 
     async def admit(self, n: int) -> rl.Decision:
         """Reserve up to `n` units at Redis's time. Raises `LimiterError` (nothing admitted)."""
@@ -270,7 +271,7 @@ class RedisLimiter:
         try:
             now = await self._shared.now()  # Redis's clock: replicas with skewed clocks agree
         except RedisUnavailable as exc:
-            raise LimiterError(LimiterErrorKind.UNAVAILABLE, f"redis: {exc}") from None
+            raise LimiterError(Fault.UNREACHABLE, f"redis: {exc}", dependency=Dependency.REDIS) from None
         self._offset = now - time.time()
         return await self.admit_at(n, now)
 
@@ -285,11 +286,11 @@ class RedisLimiter:
                     break
                 now = float(out[1])
             else:
-                raise LimiterError(LimiterErrorKind.UNAVAILABLE, "redis: the shared clock mark kept moving; try again")
+                raise LimiterError(Fault.UNREACHABLE, "redis: the shared clock mark kept moving; try again", dependency=Dependency.REDIS)
             admitted = int(out[0])
             self._load(out[2:], now)
         except (ValueError, TypeError, IndexError) as exc:
-            raise LimiterError(LimiterErrorKind.INVALID, f"redis: unexpected answer from the admission script: {exc}") from None
+            raise LimiterError(Fault.MALFORMED, f"redis: unexpected answer from the admission script: {exc}", dependency=Dependency.REDIS) from None
         exhausted = tuple(u.period for u in rl.usage(self.state, now) if u.remaining <= 0)
         retry_at = rl.next_free_at(self.state, now) if admitted < n else None
         if self._metrics is not None:
@@ -317,7 +318,7 @@ class RedisLimiter:
         try:
             self._load(out)
         except (ValueError, TypeError) as exc:
-            raise LimiterError(LimiterErrorKind.INVALID, f"redis: unexpected answer from the refund script: {exc}") from None
+            raise LimiterError(Fault.MALFORMED, f"redis: unexpected answer from the refund script: {exc}", dependency=Dependency.REDIS) from None
         self._watch.update(self.usage())
 
     def reservation_at(self, at: float, units: int = 1) -> rl.Reservation:
@@ -329,7 +330,7 @@ class RedisLimiter:
         try:
             self._load(out[1:], float(out[0]) if out[0] else None)
         except (ValueError, TypeError) as exc:
-            raise LimiterError(LimiterErrorKind.INVALID, f"redis: unexpected answer from the state script: {exc}") from None
+            raise LimiterError(Fault.MALFORMED, f"redis: unexpected answer from the state script: {exc}", dependency=Dependency.REDIS) from None
 
     def usage(self) -> list[rl.TierUsage]:
         return rl.usage(self.state, self.now())
