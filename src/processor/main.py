@@ -151,6 +151,9 @@ async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
             out.append((name, False, str(exc)))
         finally:
             await adapter.aclose()
+    from processor.kinds.triage import check_chat
+
+    out += await check_chat(settings, metrics)  # the chat model of each triage type
     return out
 
 

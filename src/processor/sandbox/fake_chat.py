@@ -36,7 +36,7 @@ class FakeChatState:
     bad_rate: float = 0.0  # share of answers that are bad (kinds drawn from `bad_kinds`)
     bad_kinds: tuple[str, ...] = BAD_KINDS
     script: list[str] = attrs.field(factory=list)  # forced outcomes for the next answers ("good", a bad kind, "429", "503", "500")
-    pulled: set[str] = attrs.field(factory=lambda: {"qwen3:4b"})
+    pulled: set[str] = attrs.field(factory=lambda: {"qwen3:4b", "nomic-embed-text", "nomic-embed-text:latest"})
     pullable: set[str] | None = None  # None: any model can be pulled
     embedding_only: set[str] = attrs.field(factory=lambda: {"nomic-embed-text", "nomic-embed-text:latest"})
     api_key: str | None = None  # when set, OpenAI requests need it
