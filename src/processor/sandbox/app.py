@@ -183,6 +183,9 @@ class SandboxState:
     results: dict[str, list[bytes]] = attrs.field(factory=dict)  # task id -> sha1 of each succeeded result, in order
     # The platform's callback (sandbox/chain.py): None accepts, a reason refuses with 400.
     on_result: Callable[[SandboxState, dict[str, Any], Any], str | None] | None = None
+    keep_results: bool = True  # False (long runs): keep only digests, and what `result_check` says
+    result_check: Callable[[str, Any], bool] | None = None  # (task id, result) -> is it the right one?
+    wrong_results: list[str] = attrs.field(factory=list)  # ids whose succeeded result failed `result_check`
     _counter: itertools.count = attrs.field(factory=lambda: itertools.count(random.randrange(1 << 24)))
 
     # -- ids and tasks --------------------------------------------------------------
@@ -538,8 +541,10 @@ class SandboxApp:
         state = data["state"]
         now = st.clock()
         task["state"] = state
-        if has_result:
+        if has_result and (st.keep_results or state != "succeeded"):
             task["result"] = data["result"]
+        if has_result and state == "succeeded" and st.result_check is not None and not st.result_check(task_id, data["result"]):
+            st.wrong_results.append(task_id)
         task["updatedAt"] = iso(now)
         task["__v"] = task.get("__v", 0) + 1 if isinstance(task.get("__v", 0), int) else 1
         if state == "pending":

@@ -74,6 +74,7 @@ class Daemon:
     health_url: str
     env: dict[str, str]
     started_at: float
+    ended_by_test: bool = False
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -94,7 +95,14 @@ class Daemon:
         except httpx.HTTPError:
             return None
 
+    def kill(self) -> None:
+        self.ended_by_test = True
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+
     def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.ended_by_test = True
         if self.alive():
             self.proc.send_signal(sig)
 
@@ -124,7 +132,9 @@ class World:
     daemons: list[Daemon] = attrs.field(factory=list)
 
     # -- the daemon ----------------------------------------------------------------------
-    def env(self, mode: str = "ollama", **extra: Any) -> dict[str, str]:
+    def env(self, mode: str = "ollama", *, minimal: bool = False, **extra: Any) -> dict[str, str]:
+        """The daemon's environment. `minimal`: only where the peers and the state are (and
+        loopback for /metrics); every other setting at its default."""
         env = {
             "API_BASE_URL": self.url,
             "OAUTH2_TOKEN_URL": f"{self.url}/oauth2/token",
@@ -142,14 +152,17 @@ class World:
             "OLLAMA_BASE_URL": self.fake_url,
             "SUPPORTED_MODELS": LOCAL_MODEL,
         }
+        if minimal:
+            for k in ("POLLING_INTERVAL_SECONDS", "RATE_LIMIT_ENABLED", "SHUTDOWN_GRACE_SECONDS", "RETRY_MAX_DELAY_SECONDS", "LOG_LEVEL"):
+                del env[k]
         if mode in ("openai", "hybrid"):
             env.update(OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=self.fake_url)
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    async def start(self, mode: str = "ollama", *, wait_started: bool = True, **extra: Any) -> Daemon:
+    async def start(self, mode: str = "ollama", *, wait_started: bool = True, minimal: bool = False, **extra: Any) -> Daemon:
         port = free_port()
-        env = {**self.env(mode, **extra), "METRICS_PORT": str(port)}
+        env = {**self.env(mode, minimal=minimal, **extra), "METRICS_PORT": str(port)}
         base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
         if DAEMON_SRC:
             base["PYTHONPATH"] = DAEMON_SRC
@@ -213,14 +226,18 @@ class World:
             return False
         return all(self.state_of(o.key) == "succeeded" for o in self.offered if o.expect == "succeed")
 
-    async def wait_quiet(self, timeout: float = 45.0, quiet_for: float = 1.0, also: Callable[[], bool] | None = None) -> bool:
-        """Wait until settled and no PATCH for `quiet_for` s (or a daemon died, or timeout)."""
+    async def wait_quiet(self, timeout: float = 45.0, quiet_for: float = 1.0, also: Callable[[], bool] | None = None,
+                         polls: int = 2) -> bool:
+        """Wait until settled, `polls` more pending lists were served, and no PATCH came for
+        `quiet_for` s (or a daemon died, or timeout)."""
+        served = self.sandbox.requests[("pending", 200)] + polls
         with trio.move_on_after(timeout):
             while True:
-                if any(not d.alive() for d in self.daemons):
+                if any(not d.alive() and not d.ended_by_test for d in self.daemons):
                     return False
                 last = self.sandbox.last_patch_at or 0.0
-                if self.settled() and time.time() - last >= quiet_for and (also is None or also()):
+                if (self.settled() and time.time() - last >= quiet_for and self.sandbox.requests[("pending", 200)] >= served
+                        and (also is None or also())):
                     return True
                 await trio.sleep(0.1)
         return False

@@ -1,0 +1,17 @@
+"""Hypothesis settings for the whole-daemon properties (each example is a daemon run of a
+few seconds): a bounded count in CI, many more with HYPOTHESIS_PROFILE=nightly. The
+settings objects are applied per test (`@PROFILE`), so other tests' settings are untouched.
+HOSTILE_EXAMPLES overrides the count of either."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+_COMMON: dict = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
+CI = settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "4")), **_COMMON)
+NIGHTLY = settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "150")), **_COMMON)
+settings.register_profile("hostile-ci", CI)
+settings.register_profile("nightly", NIGHTLY)
+PROFILE = NIGHTLY if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else CI
