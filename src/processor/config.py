@@ -313,6 +313,18 @@ def _nonempty(v: str) -> str:
     return v.strip()
 
 
+_GO_DURATION = re.compile(r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+
+
+def _keep_alive(v: str) -> str:
+    """What Ollama's duration parser accepts: whole seconds (`-1` keeps the model loaded,
+    `0` unloads it) or a duration with units (`5m`, `1h30m`); sent as a number or a string."""
+    text = v.strip()
+    if re.fullmatch(r"[+-]?\d+", text) or _GO_DURATION.fullmatch(text):
+        return text
+    raise ValueError("whole seconds (-1 keeps the model loaded, 0 unloads it) or a duration such as 5m, 1h, 90s")
+
+
 def _port(v: str) -> int:
     n = _int(0)(v)
     if n > 65535:
@@ -378,7 +390,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OLLAMA_TIMEOUT": ("ollama_timeout", _float(0, strict=True)),
     "OLLAMA_MAX_RETRIES": ("ollama_max_retries", _int(0)),
     "OLLAMA_MODEL_DOWNLOAD_TIMEOUT": ("ollama_model_download_timeout", _float(0, strict=True)),
-    "OLLAMA_KEEP_ALIVE": ("ollama_keep_alive", _nonempty),
+    "OLLAMA_KEEP_ALIVE": ("ollama_keep_alive", _keep_alive),
     "OLLAMA_TRUNCATE": ("ollama_truncate", _bool),
     "SUPPORTED_MODELS": ("supported_models", _models),
     "DEFAULT_MODEL": ("default_model", _nonempty),

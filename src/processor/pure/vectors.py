@@ -61,3 +61,46 @@ def check_batch(
             dim = len(verdict.vector)
         out.append(verdict)
     return out, dim
+
+
+@attrs.frozen
+class AnswerOk:
+    vectors: list[list[float]]
+    dim: int
+
+
+@attrs.frozen
+class AnswerBad:
+    """A whole answer that cannot be used. `dimension` is True when every vector is fine but
+    of one size other than the expected one (a configuration problem, not garbage)."""
+
+    reason: str
+    dimension: bool = False
+    size: int = 0  # the size every vector had, when `dimension`
+
+
+def check_answer(vectors: Any, n_inputs: int, expected_dim: int | None) -> AnswerOk | AnswerBad:
+    """Check a backend's whole answer for a batch of `n_inputs` inputs.
+
+    Either every vector is finite, non-empty and of one size (the expected one when known),
+    or the answer as a whole is bad: one wrong vector means the server misbehaved, which is
+    never the fault of one input. A batch whose vectors all share one size other than
+    `expected_dim` is a dimension mismatch.
+    """
+    if not isinstance(vectors, (list, tuple)):
+        return AnswerBad(f"the answer holds a {type(vectors).__name__} where a list of vectors belongs")
+    if len(vectors) != n_inputs:
+        return AnswerBad(f"the answer holds {len(vectors)} vectors for {n_inputs} inputs")
+    out: list[list[float]] = []
+    for i, v in enumerate(vectors):
+        verdict = check_vector(v, None)
+        if isinstance(verdict, VectorBad):
+            return AnswerBad(f"vector {i}: {verdict.reason}")
+        out.append(verdict.vector)
+    sizes = {len(v) for v in out}
+    if len(sizes) > 1:
+        return AnswerBad(f"vectors of different sizes in one answer ({', '.join(map(str, sorted(sizes)[:4]))})")
+    dim = sizes.pop() if sizes else (expected_dim or 0)
+    if expected_dim is not None and out and dim != expected_dim:
+        return AnswerBad(f"vectors have {dim} dimensions, expected {expected_dim}", dimension=True, size=dim)
+    return AnswerOk(out, dim)

@@ -18,10 +18,11 @@ from typing import cast
 
 import trio
 
-from processor.effects.backends.base import EmbedError, EmbedErrorKind, estimate_tokens
+from processor.effects.backends.base import EmbedError, estimate_tokens
 from processor.pure import batching, vectors
 from processor.pure import retry as rtp
 from processor.pure.breaker import Outcome as BreakerOutcome
+from processor.pure.faults import Fault
 from processor.pure.tasks import Backend, Task
 from processor.runtime import Outcome, Runtime
 
@@ -118,8 +119,10 @@ async def embed_chunk(
             result = await adapter.embed(model, _texts(rt, backend, model, tasks))
         except EmbedError as exc:
             rt.metrics.backend_requests.labels(backend.value, model, exc.kind.value).inc()
-            kind = exc.kind
-            if kind is EmbedErrorKind.INPUT:
+            kind = exc.fault
+            # Interim mapping of the adapters' faults onto this stage's handling (the
+            # policy table replaces it): configuration faults take the backend down.
+            if kind is Fault.INPUT:
                 guard.record(BreakerOutcome.IGNORED)
                 if len(tasks) == 1:
                     await deliver(rt, results, [Outcome(tasks[0].id, "failed", None, str(exc), tasks[0].created_at)])
@@ -129,7 +132,7 @@ async def embed_chunk(
                 await embed_chunk(rt, backend, model, left, results, started, attempt)
                 await embed_chunk(rt, backend, model, right, results, started, attempt)
                 return
-            if kind is EmbedErrorKind.MODEL:
+            if kind is Fault.MODEL_MISSING:
                 guard.record(BreakerOutcome.IGNORED)
                 fallback = rt.s.fallback_models.get(model) if backend is Backend.OLLAMA and Backend.OPENAI in rt.backends else None
                 if fallback:
@@ -137,10 +140,10 @@ async def embed_chunk(
                     return
                 await deliver(rt, results, [Outcome(t.id, "failed", None, str(exc), t.created_at) for t in tasks])
                 return
-            if kind is EmbedErrorKind.BACKEND_DOWN:
+            if kind in (Fault.AUTH, Fault.QUOTA, Fault.PARAMETER, Fault.DIMENSION):
                 guard.release_probe()
                 guard.force_open()
-                if exc.quota:
+                if kind is Fault.QUOTA:
                     rt.quota_exhausted[backend] = str(exc)
                     rt.metrics.quota_exhausted.labels(backend.value).set(1)
                     log.critical("backend_quota_exhausted", error=str(exc), action="releasing claims; not ready until a probe succeeds")
@@ -149,7 +152,7 @@ async def embed_chunk(
                     log.error("backend_unusable", error=str(exc), action="releasing claims; not ready until a probe succeeds")
                 await rt.release([t.id for t in tasks], reason="backend_down")
                 return
-            if kind is EmbedErrorKind.RATE_LIMITED:
+            if kind is Fault.RATE_LIMITED:
                 guard.record(BreakerOutcome.IGNORED)
                 delay = exc.retry_after if exc.retry_after is not None else rtp.backoff(rtp.RetryPolicy(), attempt, guard.draw())
                 rt.metrics.retries.labels(backend.value, "rate_limited").inc()
@@ -160,9 +163,9 @@ async def embed_chunk(
                 await trio.sleep(delay)
                 attempt += 1
                 continue
-            # TRANSIENT or TIMEOUT
+            # TIMEOUT, BUSY, SERVER, UNREACHABLE, MALFORMED: transient
             guard.record(BreakerOutcome.FAILURE)
-            if kind is EmbedErrorKind.TIMEOUT and len(tasks) > 1:
+            if kind is Fault.TIMEOUT and len(tasks) > 1:
                 left, right = batching.halves(tasks)
                 log.info("batch_split", reason="timeout", size=len(tasks))
                 await embed_chunk(rt, backend, model, left, results, started, attempt + 1)
@@ -175,11 +178,15 @@ async def embed_chunk(
             decision = guard.retry_decision(policy, attempt, trio.current_time() - started, rtp.ErrorKind.RETRYABLE, None, kind.value)
             if isinstance(decision, rtp.GiveUp):
                 log.warning("backend_gave_up", error=str(exc), why=decision.reason, size=len(tasks))
-                if exc.unreachable:
+                if kind is Fault.UNREACHABLE:
                     # unreachable after retries concerns the backend, never the tasks
                     guard.force_open()
                     rt.backend_down[backend] = str(exc)
                     await rt.release([t.id for t in tasks], reason="backend_unreachable")
+                    return
+                if kind is Fault.BUSY:
+                    # a busy server is never a task's defect: back to pending, units spent
+                    await rt.release([t.id for t in tasks], reason="backend_busy", refund=False)
                     return
                 await _transient_give_up(rt, backend, model, tasks, results, f"{exc} ({decision.reason})")
                 return

@@ -5,27 +5,64 @@ not: it runs one request per model at a time, so requests per model are serialis
 At start, each of SUPPORTED_MODELS is checked with `/api/tags`, pulled if missing (progress
 logged, bounded by OLLAMA_MODEL_DOWNLOAD_TIMEOUT) and confirmed with `/api/show` as an
 embedding model whose vector size is learnt.
+
+In `hybrid` mode an Ollama that does not answer at start does not stop the start, and its
+models are not given up: each is checked on first use (and by `maintain` in the
+background), and until then every call is an EmbedError UNREACHABLE. A model this Ollama
+cannot serve (the pull failed, not an embedding model) is an EmbedError MODEL_MISSING; the
+models that cannot be used right now, and why, are in `unusable`.
+
+Every failure is classified into a `Fault`; nothing foreign leaves this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import httpx
 import orjson
 import trio
 
-from processor.effects.backends.base import EmbedError, EmbedErrorKind, EmbedResult, RequestLimits, estimate_tokens
+from processor.effects.backends.base import (
+    EmbedError,
+    EmbedResult,
+    RequestLimits,
+    checked_vectors,
+    classify_status,
+    estimate_tokens,
+    parameter_hint,
+    retry_after,
+    short,
+)
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
+from processor.pure.faults import Fault
 
 PER_INPUT_TIMEOUT = 1.0  # seconds added to OLLAMA_TIMEOUT per input of a batch
 STARTUP_WAIT = 60.0  # how long the start waits for an Ollama that is not answering yet
+RECHECK_INTERVAL = 30.0  # how often `maintain` looks again at models that cannot be used
+_INTEGER = re.compile(r"[+-]?\d+")
 
 
 class ModelUnavailable(Exception):
     """A configured model cannot be made available (pull failed, not an embedding model)."""
+
+
+class OllamaNotAnswering(ModelUnavailable):
+    """Ollama itself did not answer (connection refused, reset, timeout): nothing is known
+    about the model yet."""
+
+
+def keep_alive_wire(value: str | int) -> int | str:
+    """OLLAMA_KEEP_ALIVE as Ollama's duration parser takes it: a JSON number of seconds
+    (`-1` keeps the model loaded, `0` unloads it at once) or a duration string (`5m`)."""
+    if isinstance(value, int):
+        return value
+    v = value.strip()
+    return int(v) if _INTEGER.fullmatch(v) else v
 
 
 def _base_name(model: str) -> str:
@@ -42,7 +79,7 @@ class OllamaBackend:
         models: Sequence[str],
         timeout: float,
         download_timeout: float,
-        keep_alive: str,
+        keep_alive: str | int,
         truncate: bool,
         max_batch: int,
         metrics: Metrics,
@@ -52,16 +89,34 @@ class OllamaBackend:
         self._models = list(models)
         self._timeout = timeout
         self._download_timeout = download_timeout
-        self._keep_alive = keep_alive
+        self._keep_alive = keep_alive_wire(keep_alive)
         self._truncate = truncate
         self._max_batch = max_batch
         self._metrics = metrics
         self._dims: dict[str, int] = {}
         self._locks: dict[str, trio.Lock] = {}
+        self._check_locks: dict[str, trio.Lock] = {}
+        self._ready: set[str] = set()  # checked: pulled, an embedding model
+        self._missing: dict[str, str] = {}  # model -> why this Ollama cannot serve it
+        self._down: str | None = None  # why Ollama is not answering (None: it answered last time)
         self._pulled_after_404: set[str] = set()
-        self.unavailable: dict[str, str] = {}  # model -> reason
         self._strict = strict  # ollama mode: a model that cannot be made available stops the start
         self._log = get_logger("ollama")
+
+    # -- what can be used right now -----------------------------------------------------
+    @property
+    def unusable(self) -> Mapping[str, str]:
+        """Models that cannot be used right now, and why (read-only, for /health)."""
+        out = dict(self._missing)
+        if self._down is not None:
+            for model in self._models:
+                out.setdefault(model, self._down)
+        return MappingProxyType(out)
+
+    @property
+    def down(self) -> str | None:
+        """Why Ollama is not answering; None when its last answer came."""
+        return self._down
 
     def limits(self, model: str) -> RequestLimits:
         return RequestLimits(self._max_batch)
@@ -75,9 +130,60 @@ class OllamaBackend:
     def timeout_for(self, n: int) -> float:
         return self._timeout + PER_INPUT_TIMEOUT * n
 
+    # -- embedding ------------------------------------------------------------------------
     async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
-        if model in self.unavailable:
-            raise EmbedError(f"model {model!r} is unavailable on Ollama: {self.unavailable[model]}", EmbedErrorKind.MODEL)
+        if model in self._missing:
+            raise EmbedError(f"model {model!r} is unavailable on Ollama: {self._missing[model]}", Fault.MODEL_MISSING)
+        if model not in self._ready:
+            await self._check_lazily(model)
+        try:
+            return await self._request(model, texts)
+        except EmbedError as exc:
+            if exc.fault is not Fault.MODEL_MISSING or exc.status != 404 or model in self._pulled_after_404:
+                if exc.fault is Fault.MODEL_MISSING:
+                    self._mark_missing(model, str(exc))
+                raise
+        # a model that went missing since it was checked (deleted): pull it once, ask again
+        self._pulled_after_404.add(model)
+        self._ready.discard(model)
+        try:
+            await self.ensure_model(model, wait=False)
+        except OllamaNotAnswering as exc:
+            raise EmbedError(str(exc), Fault.UNREACHABLE) from None
+        except ModelUnavailable as exc:
+            self._mark_missing(model, str(exc))
+            raise EmbedError(f"model {model!r} not found on Ollama and could not be pulled: {exc}", Fault.MODEL_MISSING, status=404) from None
+        try:
+            return await self._request(model, texts)
+        except EmbedError as exc:
+            if exc.fault is Fault.MODEL_MISSING:
+                self._mark_missing(model, str(exc))
+            raise
+
+    async def _check_lazily(self, model: str) -> None:
+        """First use of a model not checked at start (Ollama was not answering then)."""
+        lock = self._check_locks.setdefault(model, trio.Lock())
+        async with lock:
+            if model in self._ready:
+                return
+            if model in self._missing:
+                raise EmbedError(f"model {model!r} is unavailable on Ollama: {self._missing[model]}", Fault.MODEL_MISSING)
+            try:
+                await self.ensure_model(model, wait=False)
+            except OllamaNotAnswering as exc:
+                raise EmbedError(str(exc), Fault.UNREACHABLE) from None
+            except ModelUnavailable as exc:
+                self._mark_missing(model, str(exc))
+                raise EmbedError(f"model {model!r} is unavailable on Ollama: {exc}", Fault.MODEL_MISSING) from None
+
+    def _mark_missing(self, model: str, why: str) -> None:
+        self._ready.discard(model)
+        if model not in self._missing:
+            self._log.error("ollama_model_unavailable", model=model, error=why)
+        self._missing[model] = why
+
+    async def _request(self, model: str, texts: Sequence[str]) -> EmbedResult:
+        """One `/api/embed` call, classified."""
         body = {"model": model, "input": list(texts), "truncate": self._truncate, "keep_alive": self._keep_alive}
         lock = self._locks.setdefault(model, trio.Lock())
         async with lock:
@@ -86,39 +192,53 @@ class OllamaBackend:
                                              headers={"Content-Type": "application/json"})
             except httpx.TimeoutException:
                 self._count(model, "timeout")
-                raise EmbedError(f"Ollama timed out on a batch of {len(texts)}", EmbedErrorKind.TIMEOUT) from None
-            except httpx.HTTPError as exc:
+                raise EmbedError(f"Ollama timed out on a batch of {len(texts)} (OLLAMA_TIMEOUT={self._timeout:g}s + {PER_INPUT_TIMEOUT:g}s per input)", Fault.TIMEOUT) from None
+            except Exception as exc:  # connection refused / reset, DNS, a broken proxy: no answer
                 self._count(model, "connection_error")
-                raise EmbedError(f"Ollama unreachable: {type(exc).__name__}", EmbedErrorKind.TRANSIENT, unreachable=True) from None
-        self._count(model, str(resp.status_code) if resp.status_code != 200 else "success")
+                raise self._not_answering(exc) from None
+        self._down = None
         if resp.status_code == 200:
-            try:
-                data = orjson.loads(resp.content)
-                vectors = data["embeddings"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                raise EmbedError("Ollama returned an unreadable answer", EmbedErrorKind.TRANSIENT) from None
-            tokens = data.get("prompt_eval_count")
-            if not isinstance(tokens, int):
-                tokens = sum(estimate_tokens(t) for t in texts)
-            self._metrics.ollama_tokens.labels(model, "prompt").inc(tokens)
-            return EmbedResult(vectors, tokens)
-        message = f"Ollama {resp.status_code}: {_error_text(resp)}"[:500]
-        if resp.status_code == 404:
-            if model not in self._pulled_after_404:
-                self._pulled_after_404.add(model)
-                try:
-                    await self.ensure_model(model)
-                except ModelUnavailable as exc:
-                    self.unavailable[model] = str(exc)
-                    raise EmbedError(f"model {model!r} not found on Ollama and could not be pulled: {exc}", EmbedErrorKind.MODEL, status=404) from None
-                raise EmbedError(message + " (pulled it; retrying)", EmbedErrorKind.TRANSIENT, status=404)
-            raise EmbedError(f"model {model!r} not found on Ollama: {message}", EmbedErrorKind.MODEL, status=404)
-        if resp.status_code == 400:
-            raise EmbedError(message, EmbedErrorKind.INPUT, status=400)
-        if resp.status_code in (408, 429) or resp.status_code >= 500:
-            return_kind = EmbedErrorKind.TRANSIENT
-            raise EmbedError(message, return_kind, status=resp.status_code)
-        raise EmbedError(message, EmbedErrorKind.INPUT, status=resp.status_code)
+            return self._answer(model, texts, resp)
+        self._count(model, str(resp.status_code))
+        raise self._classify(resp)
+
+    def _answer(self, model: str, texts: Sequence[str], resp: httpx.Response) -> EmbedResult:
+        try:
+            data = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            self._count(model, "malformed")
+            raise EmbedError(f"Ollama returned a malformed answer: the body is not JSON ({short(resp.text, 60)!r})", Fault.MALFORMED) from None
+        if not isinstance(data, dict):
+            self._count(model, "malformed")
+            raise EmbedError(f"Ollama returned a malformed answer: the body is a {type(data).__name__}, not an object", Fault.MALFORMED)
+        raw = data.get("embeddings")
+        try:
+            vectors, dim = checked_vectors(raw, len(texts), self._dims.get(model), who=f"Ollama {model}",
+                                           dimension_hint=lambda got: f"the model answered {got}-dimensional vectors, not the {self._dims.get(model)} it declared: check the model on OLLAMA_BASE_URL")
+        except EmbedError as exc:
+            self._count(model, "malformed" if exc.fault is Fault.MALFORMED else "dimension")
+            raise
+        self._count(model, "success")
+        self.learn_dim(model, dim)
+        tokens = data.get("prompt_eval_count")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            tokens = sum(estimate_tokens(t) for t in texts)
+        self._metrics.ollama_tokens.labels(model, "prompt").inc(tokens)
+        return EmbedResult(vectors, tokens)
+
+    def _classify(self, resp: httpx.Response) -> EmbedError:
+        status = resp.status_code
+        text = _error_text(resp)
+        got = classify_status(status, text)
+        message = f"Ollama {status}: {text}"
+        if got.fault is Fault.PARAMETER:
+            message += f" ({parameter_hint(got.param, 'OLLAMA_BASE_URL')})"
+        wait = retry_after(resp.headers) if got.fault in (Fault.RATE_LIMITED, Fault.BUSY) else None
+        return EmbedError(message, got.fault, status=status, retry_after=wait, param=got.param)
+
+    def _not_answering(self, exc: BaseException) -> EmbedError:
+        self._down = f"Ollama at {self._http.base_url} is unreachable ({type(exc).__name__}) — check OLLAMA_BASE_URL"
+        return EmbedError(self._down, Fault.UNREACHABLE)
 
     def _count(self, model: str, status: str) -> None:
         self._metrics.ollama_requests.labels(model, status).inc()
@@ -126,108 +246,179 @@ class OllamaBackend:
     # -- start-up: make every configured model available ------------------------------
     async def start(self) -> None:
         """Make every configured model available. In `ollama` mode a failure is a start-up
-        error; in `hybrid` the model is marked unavailable: its tasks go to FALLBACK_MODELS
-        if configured there, else they fail with the reason."""
+        error. In `hybrid` a model that cannot be made available is recorded in `unusable`
+        (its calls are MODEL_MISSING); an Ollama that does not answer within the start wait
+        leaves its models to be checked on first use."""
         for model in self._models:
             try:
-                await self.ensure_model(model)
+                await self.ensure_model(model, wait=True)
+            except OllamaNotAnswering as exc:
+                if self._strict:
+                    raise
+                self._log.error("ollama_not_answering", error=str(exc), models=self._models,
+                                action="the models are checked on first use; their tasks wait")
+                return
             except ModelUnavailable as exc:
                 if self._strict:
                     raise
-                self.unavailable[model] = str(exc)
-                self._log.error("ollama_model_unavailable", model=model, error=str(exc))
+                self._mark_missing(model, str(exc))
+
+    async def maintain(self, *, interval: float = RECHECK_INTERVAL) -> None:
+        """Run for the life of the daemon: look again at the models in `unusable`, so that
+        an Ollama that comes up later, or a model pulled by hand, is used without a restart."""
+        while True:
+            await trio.sleep(interval)
+            await self.recheck()
+
+    async def recheck(self) -> None:
+        """One look at each unusable model (no pull for a model whose pull already failed)."""
+        for model in list(self.unusable):
+            if model in self._ready:
+                continue
+            try:
+                await self.ensure_model(model, wait=False, pull=model not in self._missing)
+            except OllamaNotAnswering:
+                return  # still down: the others would fail the same way
+            except ModelUnavailable as exc:
+                if model in self._missing:
+                    self._missing[model] = str(exc)
+                else:
+                    self._mark_missing(model, str(exc))
+            else:
+                self._missing.pop(model, None)
 
     async def check_models(self) -> list[str]:
         """Problems with the configured models, without pulling anything (for `check`)."""
         try:
-            have = await self.pulled()
-        except (httpx.HTTPError, ValueError) as exc:
-            return [f"Ollama at {self._http.base_url} is unreachable ({type(exc).__name__}) — check OLLAMA_BASE_URL"]
+            have = await self._tags()
+        except OllamaNotAnswering as exc:
+            return [str(exc)]
         problems = []
         for model in self._models:
-            if model not in have and _base_name(model) not in have:
+            if have is not None and model not in have and _base_name(model) not in have:
                 problems.append(f"{model} is not pulled (the daemon pulls it at start; or run `ollama pull {model}`)")
                 continue
-            resp = await self._http.post("/api/show", json={"model": model})
-            caps = resp.json().get("capabilities") if resp.status_code == 200 else None
-            if resp.status_code != 200:
-                problems.append(f"{model}: /api/show answered {resp.status_code}")
-            elif isinstance(caps, list) and "embedding" not in caps:
+            try:
+                info = await self._show(model)
+            except ModelUnavailable as exc:
+                problems.append(f"{model}: {exc}")
+                continue
+            caps = info.get("capabilities") if info is not None else None
+            if isinstance(caps, list) and "embedding" not in caps:
                 problems.append(f"{model} is not an embedding model")
         return problems
 
     async def pulled(self) -> set[str]:
-        resp = await self._http.get("/api/tags")
-        resp.raise_for_status()
+        """The names of the pulled models; ModelUnavailable when `/api/tags` gives none."""
+        have = await self._tags()
+        if have is None:
+            raise ModelUnavailable("/api/tags gave no list of models")
+        return have
+
+    async def _tags(self) -> set[str] | None:
+        """The pulled models; None when the server answers without a usable `/api/tags` (a
+        proxy or an older server); OllamaNotAnswering when it does not answer."""
+        try:
+            resp = await self._http.get("/api/tags")
+        except Exception as exc:
+            raise OllamaNotAnswering(str(self._not_answering(exc))) from None
+        self._down = None
+        if resp.status_code != 200:
+            return None
+        try:
+            body = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            return None
+        models = body.get("models") if isinstance(body, dict) else None
+        if not isinstance(models, list):
+            return None
         names = set()
-        for m in resp.json().get("models", []):
-            for key in ("name", "model"):
-                if isinstance(m.get(key), str):
-                    names.add(m[key])
+        for m in models:
+            if isinstance(m, dict):
+                for key in ("name", "model"):
+                    if isinstance(m.get(key), str):
+                        names.add(m[key])
         return names
 
     async def _wait_until_reachable(self) -> set[str] | None:
-        """The pulled models, waiting (with backoff) for an Ollama that is still starting.
-
-        None when the server answers but has no usable `/api/tags` (a proxy or an older
-        server): the model is then confirmed by embedding a probe instead.
-        """
+        """`_tags`, waiting (with backoff) for an Ollama that is still starting."""
         deadline = trio.current_time() + min(self._download_timeout, STARTUP_WAIT)
         delay = 0.5
         while True:
             try:
-                return await self.pulled()
-            except httpx.HTTPStatusError:
-                return None
-            except (httpx.HTTPError, ValueError) as exc:
+                return await self._tags()
+            except OllamaNotAnswering as exc:
                 if trio.current_time() + delay > deadline:
-                    raise ModelUnavailable(
-                        f"Ollama at {self._http.base_url} is unreachable ({type(exc).__name__}) — check OLLAMA_BASE_URL"
-                    ) from None
-                self._log.warning("ollama_waiting", url=str(self._http.base_url), error=type(exc).__name__, retry_in=delay)
+                    raise
+                self._log.warning("ollama_waiting", url=str(self._http.base_url), error=str(exc), retry_in=delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def ensure_model(self, model: str) -> int:
-        """Pull `model` if missing, check it embeds, learn its vector size."""
-        have = await self._wait_until_reachable()
-        if have is not None and model not in have and _base_name(model) not in have:
-            try:
-                await self.pull(model)
-            except ModelUnavailable as exc:
-                return await self._probe_embed(model, str(exc))
+    async def _show(self, model: str) -> dict[str, Any] | None:
+        """`/api/show` details; None when the server has no usable `/api/show`."""
         try:
             resp = await self._http.post("/api/show", json={"model": model})
-        except httpx.HTTPError as exc:
-            raise ModelUnavailable(f"/api/show failed ({type(exc).__name__})") from None
+        except Exception as exc:
+            raise OllamaNotAnswering(str(self._not_answering(exc))) from None
         if resp.status_code != 200:
+            return None
+        try:
+            info = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            return None
+        return info if isinstance(info, dict) else None
+
+    async def ensure_model(self, model: str, *, wait: bool = True, pull: bool = True) -> int:
+        """Pull `model` if missing, check it embeds, learn its vector size. OllamaNotAnswering
+        when Ollama does not answer (after the start wait when `wait`), ModelUnavailable when
+        it answers but cannot serve the model."""
+        have = await (self._wait_until_reachable() if wait else self._tags())
+        if have is not None and model not in have and _base_name(model) not in have:
+            if not pull:
+                raise ModelUnavailable(f"{model} is not pulled on Ollama")
+            self._pulled_after_404.add(model)  # a later 404 must not start another pull
+            try:
+                await self.pull(model)
+            except OllamaNotAnswering:
+                raise
+            except ModelUnavailable as exc:
+                return await self._probe_embed(model, str(exc))
+        info = await self._show(model)
+        if info is None:
             # no usable /api/show: an embedding that works is proof enough
-            return await self._probe_embed(model, f"/api/show answered {resp.status_code}: {_error_text(resp)}")
-        info = resp.json()
+            return await self._probe_embed(model, "/api/show gave no details")
         caps = info.get("capabilities")
         if isinstance(caps, list) and "embedding" not in caps:
             raise ModelUnavailable(f"{model} is not an embedding model (capabilities: {', '.join(map(str, caps))})")
-        dim = _embedding_length(info.get("model_info") or {})
+        model_info = info.get("model_info")
+        dim = _embedding_length(model_info if isinstance(model_info, dict) else {})
         if dim:
             self._dims[model] = dim
-        self.unavailable.pop(model, None)
+        self._now_ready(model)
         self._log.info("ollama_model_ready", model=model, dimensions=dim)
         return dim or 0
 
+    def _now_ready(self, model: str) -> None:
+        self._ready.add(model)
+        self._missing.pop(model, None)
+
     async def _probe_embed(self, model: str, why: str) -> int:
-        self._pulled_after_404.add(model)  # the probe's own 404 must not start another pull
         try:
-            res = await self.embed(model, ["probe"])
+            res = await self._request(model, ["probe"])
         except EmbedError as exc:
+            if exc.fault in (Fault.UNREACHABLE, Fault.TIMEOUT, Fault.BUSY, Fault.SERVER, Fault.RATE_LIMITED):
+                raise OllamaNotAnswering(f"{why}; a probe embedding failed too: {exc}") from None
             raise ModelUnavailable(f"{why}; a probe embedding failed too: {exc}") from None
-        dim = len(res.vectors[0]) if res.vectors and isinstance(res.vectors[0], list) else 0
+        dim = len(res.vectors[0]) if res.vectors else 0
         if dim:
             self._dims[model] = dim
-        self.unavailable.pop(model, None)
+        self._now_ready(model)
         self._log.warning("ollama_model_confirmed_by_probe", model=model, dimensions=dim, why=why)
         return dim
 
     async def pull(self, model: str) -> None:
+        """Pull with progress logged; ModelUnavailable (OllamaNotAnswering when the
+        connection failed) unless the stream ends in `success`."""
         self._log.info("ollama_pull_started", model=model)
         last_pct = -10
         with trio.move_on_after(self._download_timeout) as scope:
@@ -237,51 +428,57 @@ class OllamaBackend:
                         await resp.aread()
                         raise ModelUnavailable(f"pull answered {resp.status_code}: {_error_text(resp)}")
                     async for line in resp.aiter_lines():
-                        if not line.strip():
-                            continue
                         try:
-                            event = orjson.loads(line)
+                            event = orjson.loads(line) if line.strip() else None
                         except orjson.JSONDecodeError:
                             continue
+                        if not isinstance(event, dict):
+                            continue
                         if "error" in event:
-                            raise ModelUnavailable(f"pull failed: {event['error']}")
+                            raise ModelUnavailable(f"pull failed: {short(str(event['error']))}")
                         total, done = event.get("total"), event.get("completed")
                         if isinstance(total, int) and total > 0 and isinstance(done, int):
                             pct = int(100 * done / total)
                             if pct >= last_pct + 10:
                                 last_pct = pct
-                                self._log.info("ollama_pull_progress", model=model, percent=pct, status=event.get("status"))
+                                self._log.info("ollama_pull_progress", model=model, percent=pct, status=short(str(event.get("status")), 80))
                         if event.get("status") == "success":
                             self._log.info("ollama_pull_done", model=model)
                             return
-            except httpx.HTTPError as exc:
-                raise ModelUnavailable(f"pull interrupted ({type(exc).__name__})") from None
+            except ModelUnavailable:
+                raise
+            except Exception as exc:  # connection lost mid-stream, a broken chunk, ...
+                raise OllamaNotAnswering(f"pull of {model} interrupted ({type(exc).__name__})") from None
             raise ModelUnavailable("pull stream ended without success")
         if scope.cancelled_caught:
             raise ModelUnavailable(f"pull did not finish within OLLAMA_MODEL_DOWNLOAD_TIMEOUT={self._download_timeout:g}s")
 
     async def probe(self, model: str) -> None:
+        """Raises EmbedError UNREACHABLE when Ollama does not answer."""
         try:
-            await self.pulled()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise EmbedError(f"Ollama unreachable: {type(exc).__name__}", EmbedErrorKind.TRANSIENT) from None
+            await self._tags()
+        except OllamaNotAnswering as exc:
+            raise EmbedError(str(exc), Fault.UNREACHABLE) from None
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
 
-def _embedding_length(model_info: dict[str, Any]) -> int | None:
+def _embedding_length(model_info: Mapping[str, Any]) -> int | None:
     for key, value in model_info.items():
-        if key.endswith(".embedding_length") and isinstance(value, int):
+        if isinstance(key, str) and key.endswith(".embedding_length") and isinstance(value, int) and value > 0:
             return value
     return None
 
 
 def _error_text(resp: httpx.Response) -> str:
     try:
-        body = resp.json()
-        if isinstance(body, dict) and "error" in body:
-            return str(body["error"])[:300]
-    except ValueError:
-        pass
-    return resp.text[:300]
+        body = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict) and "error" in body:
+        err = body["error"]
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        return short(str(err))
+    return short(resp.text) or resp.reason_phrase

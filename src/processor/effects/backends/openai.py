@@ -2,7 +2,8 @@
 
 The SDK's own retries are off (`max_retries=0`): the project's retry policy decides. It is
 handed the process's httpx client, so there is one HTTP stack and respx sees its calls.
-Vectors travel base64-encoded (the SDK decodes them). `x-ratelimit-*` headers pace
+Vectors travel base64-encoded (decoded and checked here: a malformed answer is an
+EmbedError MALFORMED, vectors of another size than EMBEDDING_DIMENSIONS one of DIMENSION). `x-ratelimit-*` headers pace
 requests before a 429 would.
 """
 
@@ -17,11 +18,22 @@ from collections.abc import Mapping, Sequence
 
 import httpx
 import openai
+import orjson
 import trio
 
-from processor.effects.backends.base import EmbedError, EmbedErrorKind, EmbedResult, RequestLimits
+from processor.effects.backends.base import (
+    EmbedError,
+    EmbedResult,
+    RequestLimits,
+    checked_vectors,
+    classify_status,
+    parameter_hint,
+    retry_after,
+    short,
+)
 from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
+from processor.pure.faults import Fault
 
 MAX_INPUTS = 2048
 MAX_REQUEST_TOKENS = 300_000
@@ -51,18 +63,46 @@ def parse_reset(value: str | None) -> float | None:
 
 
 def decode_vector(value: object) -> object:
-    """base64 of little-endian float32 -> list of floats (other shapes pass through to the
-    vector check, which rejects them with a reason)."""
+    """base64 of little-endian float32 -> list of floats. A string that is not such base64
+    raises ValueError; other shapes pass through to the answer check, which rejects them."""
     if isinstance(value, str):
         try:
-            packed = array("f")
-            packed.frombytes(base64.b64decode(value, validate=True))
+            raw = base64.b64decode(value, validate=True)
         except (ValueError, binascii.Error):
-            return value
+            raise ValueError("a vector is a string that is not base64") from None
+        if len(raw) % 4:
+            raise ValueError(f"a base64 vector of {len(raw)} bytes is not a whole number of float32")
+        packed = array("f")
+        packed.frombytes(raw)
         if sys.byteorder != "little":
             packed.byteswap()
         return packed.tolist()
     return value
+
+
+def vectors_of(content: bytes, n_inputs: int) -> tuple[list[object], int | None]:
+    """The vectors (in input order) and prompt tokens of a 200 answer; ValueError when its
+    body is not what CONTRACT.md §3 says."""
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise ValueError(f"the body is not JSON ({short(content[:60].decode('utf-8', 'replace'), 60)!r})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        raise ValueError("the body has no `data` list")
+    data = body["data"]
+    if len(data) != n_inputs:
+        raise ValueError(f"the answer holds {len(data)} vectors for {n_inputs} inputs")
+    slots: list[object] = [None] * n_inputs
+    seen = [False] * n_inputs
+    for item in data:
+        idx = item.get("index") if isinstance(item, dict) else None
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < n_inputs or seen[idx]:
+            raise ValueError(f"an entry of `data` has no usable `index` ({short(repr(idx), 40)})")
+        seen[idx] = True
+        slots[idx] = decode_vector(item.get("embedding"))
+    usage = body.get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return slots, tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None
 
 
 class OpenAIBackend:
@@ -79,6 +119,8 @@ class OpenAIBackend:
         metrics: Metrics,
     ) -> None:
         REDACTOR.add(api_key)
+        self._api_key = api_key
+        self._encoding = "base64"  # "float" once a compatible server refuses base64
         self._client = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=(base_url.rstrip("/") + "/v1") if base_url and not base_url.rstrip("/").endswith("/v1") else base_url,
@@ -108,31 +150,59 @@ class OpenAIBackend:
     async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
         if trio.current_time() < self._pace_until:
             await trio.sleep_until(self._pace_until)
+        try:
+            return await self._embed(model, texts)
+        except EmbedError as exc:
+            if exc.fault is Fault.PARAMETER and exc.param == "encoding_format" and self._encoding == "base64":
+                # a compatible server without base64 vectors: ask for JSON floats from now on
+                self._encoding = "float"
+                self._log.warning("openai_base64_refused", error=str(exc), action="asking for float vectors")
+                return await self._embed(model, texts)
+            raise
+
+    async def _embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
         timeout = self._timeout + 0.05 * len(texts)
         try:
             raw = await self._client.embeddings.with_raw_response.create(
-                model=model, input=list(texts), encoding_format="base64", timeout=timeout,
+                model=model, input=list(texts), encoding_format=self._encoding, timeout=timeout,  # type: ignore[arg-type]
                 dimensions=self._dimensions if accepts_dimensions(model) else openai.omit,
             )
+            content = raw.content
         except openai.APITimeoutError:
             self._count(model, "timeout")
-            raise EmbedError("OpenAI request timed out", EmbedErrorKind.TIMEOUT) from None
+            raise EmbedError(f"OpenAI request timed out after {timeout:g}s", Fault.TIMEOUT) from None
         except openai.APIConnectionError as exc:
             self._count(model, "connection_error")
-            raise EmbedError(f"OpenAI unreachable: {type(exc.__cause__ or exc).__name__}", EmbedErrorKind.TRANSIENT, unreachable=True) from None
+            raise EmbedError(f"OpenAI unreachable: {type(exc.__cause__ or exc).__name__}", Fault.UNREACHABLE) from None
         except openai.APIStatusError as exc:
             self._count(model, str(exc.status_code))
             raise self._classify(exc) from None
-        self._count(model, "success")
+        except Exception as exc:  # anything else on the way: no answer to speak of
+            self._count(model, "connection_error")
+            raise EmbedError(f"OpenAI request failed: {type(exc).__name__}", Fault.UNREACHABLE) from None
         self._pace(raw.headers)
-        resp = raw.parse()
-        data = sorted(resp.data, key=lambda d: d.index)
-        vectors = [decode_vector(d.embedding) for d in data]
-        usage = getattr(resp, "usage", None)
-        tokens = getattr(usage, "prompt_tokens", None) if usage else None
+        try:
+            slots, tokens = vectors_of(content, len(texts))
+        except ValueError as exc:
+            self._count(model, "malformed")
+            raise EmbedError(f"OpenAI returned a malformed answer: {exc}", Fault.MALFORMED) from None
+        try:
+            vectors, dim = checked_vectors(slots, len(texts), self.expected_dim(model), who=f"OpenAI {model}",
+                                           dimension_hint=lambda got: self._dimension_hint(model, got))
+        except EmbedError as exc:
+            self._count(model, "malformed" if exc.fault is Fault.MALFORMED else "dimension")
+            raise
+        self._count(model, "success")
+        self.learn_dim(model, dim)
         if tokens:
             self._metrics.openai_tokens.labels(model, "prompt").inc(tokens)
         return EmbedResult(vectors, tokens)
+
+    def _dimension_hint(self, model: str, got: int) -> str:
+        if accepts_dimensions(model):
+            return (f"the server ignores `dimensions`={self._dimensions}: set EMBEDDING_DIMENSIONS={got}, "
+                    "or use a server and model that honour it")
+        return f"{model} changed its vector size (was {self._dims.get(model)}): check OPENAI_BASE_URL and the model"
 
     def _count(self, model: str, status: str) -> None:
         self._metrics.openai_requests.labels(model, status).inc()
@@ -154,28 +224,25 @@ class OpenAIBackend:
     def _classify(self, exc: openai.APIStatusError) -> EmbedError:
         status = exc.status_code
         body = exc.body if isinstance(exc.body, dict) else {}
-        err = body.get("error", body) if isinstance(body, dict) else {}
-        code = err.get("code") if isinstance(err, dict) else None
-        message = (err.get("message") if isinstance(err, dict) else None) or str(exc)
-        message = f"OpenAI {status}: {message}"[:500]
-        if status == 429:
-            if code == "insufficient_quota":
-                return EmbedError(message, EmbedErrorKind.BACKEND_DOWN, status=status, quota=True)
-            ra = exc.response.headers.get("retry-after")
-            try:
-                retry_after = float(ra) if ra is not None else None
-            except ValueError:
-                retry_after = None
-            if retry_after is not None:
-                self._pace_until = max(self._pace_until, trio.current_time() + retry_after)
-            return EmbedError(message, EmbedErrorKind.RATE_LIMITED, status=status, retry_after=retry_after)
-        if status in (401, 403):
-            return EmbedError(message, EmbedErrorKind.BACKEND_DOWN, status=status)
-        if status == 404:
-            return EmbedError(message, EmbedErrorKind.MODEL, status=status)
-        if status == 408 or status >= 500:
-            return EmbedError(message, EmbedErrorKind.TRANSIENT, status=status)
-        return EmbedError(message, EmbedErrorKind.INPUT, status=status)
+        err = body.get("error", body)
+        err = err if isinstance(err, dict) else {"message": err}
+        text = err.get("message") or err.get("detail") or (short(exc.response.text) if exc.response is not None else "") or str(exc)
+        text = self._scrub(short(str(text), 400))
+        got = classify_status(status, text, code=err.get("code"), type_=err.get("type"), param=err.get("param"))
+        message = f"OpenAI {status}: {text}"
+        if got.fault is Fault.PARAMETER:
+            message += f" ({parameter_hint(got.param, 'OPENAI_BASE_URL')})"
+        elif got.fault is Fault.AUTH:
+            message += " (check OPENAI_API_KEY)"
+        elif got.fault is Fault.QUOTA:
+            message += " (the account is out of credit)"
+        wait = retry_after(exc.response.headers) if got.fault in (Fault.RATE_LIMITED, Fault.BUSY) else None
+        if got.fault is Fault.RATE_LIMITED and wait is not None:
+            self._pace_until = max(self._pace_until, trio.current_time() + wait)
+        return EmbedError(message, got.fault, status=status, retry_after=wait, param=got.param)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
 
     async def start(self) -> None:
         return None
