@@ -300,12 +300,13 @@ def test_classify_by_kind_and_status():
         def __init__(self, kind: Any = None, status: int | None = None) -> None:
             self.kind, self.status = kind, status
 
-    from processor.effects.backends.base import EmbedError, EmbedErrorKind
+    from processor.effects.backends.base import EmbedError
+    from processor.pure.faults import Fault
 
-    assert classify(EmbedError("t", EmbedErrorKind.TIMEOUT)) is ad.Outcome.TIMEOUT
-    assert classify(EmbedError("r", EmbedErrorKind.RATE_LIMITED)) is ad.Outcome.BUSY
-    assert classify(EmbedError("503", EmbedErrorKind.TRANSIENT, status=503)) is ad.Outcome.BUSY
-    assert classify(EmbedError("500", EmbedErrorKind.TRANSIENT, status=500)) is ad.Outcome.ERROR
+    assert classify(EmbedError("t", Fault.TIMEOUT)) is ad.Outcome.TIMEOUT
+    assert classify(EmbedError("r", Fault.RATE_LIMITED)) is ad.Outcome.BUSY
+    assert classify(EmbedError("503", Fault.BUSY, status=503)) is ad.Outcome.BUSY
+    assert classify(EmbedError("500", Fault.SERVER, status=500)) is ad.Outcome.ERROR
     assert classify(SimTimeout()) is ad.Outcome.TIMEOUT and classify(SimBusy()) is ad.Outcome.BUSY
     assert classify(E()) is ad.Outcome.ERROR
     assert classify(trio.Cancelled._create()) is None  # type: ignore[attr-defined]

@@ -412,7 +412,7 @@ async def test_ollama_404_pulls_once_then_the_model_is_missing_and_named():
         await b.embed("nomic-embed-text", ["x"])
     assert info.value.fault is Fault.MODEL_MISSING
     assert pull.call_count == 1  # pulled once, not on every request
-    assert set(b.unusable) == {"nomic-embed-text"} and "registry unreachable" in b.unusable["nomic-embed-text"]
+    assert set(b.unavailable) == {"nomic-embed-text"} and "registry unreachable" in b.unavailable["nomic-embed-text"]
     await b.aclose()
 
 
@@ -433,7 +433,7 @@ async def test_ollama_model_deleted_after_start_is_pulled_again_once_and_served(
     respx.get(f"{OLLAMA}/api/tags").mock(return_value=httpx.Response(200, json={"models": []}))  # deleted by hand
     res = await b.embed("nomic-embed-text", ["x"])  # 404, pull, asked again
     await b.aclose()
-    assert len(res.vectors) == 1 and pull.call_count == 1 and not b.unusable
+    assert len(res.vectors) == 1 and pull.call_count == 1 and not b.unavailable
 
 
 # --- Ollama: start, pull, wait: nothing foreign escapes ---------------------------------------
@@ -451,7 +451,7 @@ async def test_ollama_start_pulls_missing_model_with_progress_and_learns_its_siz
     await b.start()
     await b.aclose()
     assert pull.called and json.loads(pull.calls[0].request.content) == {"model": "nomic-embed-text", "stream": True}
-    assert b.expected_dim("nomic-embed-text") == 768 and not b.unusable
+    assert b.expected_dim("nomic-embed-text") == 768 and not b.unavailable
     percents = [e["percent"] for e in captured_logs if e["event"] == "ollama_pull_progress"]
     assert percents and percents[-1] == 100
 
@@ -681,8 +681,8 @@ async def test_daemon_parameter_400_is_one_clear_message_no_split_storm_no_task_
     assert route.call_count <= 2
     assert not failed(sandbox) and sandbox.state.by_state() == {"pending": 64}
     assert any("openai" in r and "EMBEDDING_DIMENSIONS" in r for r in reasons)
-    unusable = [e for e in captured_logs if e["event"] == "backend_unusable"]
-    assert 1 <= len(unusable) <= 2 and "matryoshka_dim=1024" in unusable[0]["error"]
+    unavailable = [e for e in captured_logs if e["event"] == "backend_unusable"]
+    assert 1 <= len(unavailable) <= 2 and "matryoshka_dim=1024" in unavailable[0]["error"]
 
 
 @respx.mock
@@ -846,12 +846,12 @@ async def test_daemon_hybrid_unpullable_model_uses_the_fallback_only_when_config
     oai = respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=openai_ok)
     ids = sandbox.state.seed(6, model="nomic-embed-text")
     env = dict(PROCESSING_MODE="hybrid", OLLAMA_BASE_URL=OLLAMA, SUPPORTED_MODELS="nomic-embed-text", OPENAI_API_KEY=KEY, OPENAI_BASE_URL=OPENAI)
-    # without FALLBACK_MODELS: the start goes on (hybrid), the model is named as unusable, and
+    # without FALLBACK_MODELS: the start goes on (hybrid), the model is named as unavailable, and
     # (until the policy table lands) its tasks fail with the reason
     daemon = Daemon(make_settings(sandbox, tmp_path / "a", **env), handle_signals=False)
     async with running(daemon):
         await wait_until(all_done(sandbox.state, 6))
-        assert "file does not exist" in daemon.rt.backends[next(b for b in daemon.rt.backends if b.value == "ollama")].unusable["nomic-embed-text"]
+        assert "file does not exist" in daemon.rt.backends[next(b for b in daemon.rt.backends if b.value == "ollama")].unavailable["nomic-embed-text"]
     assert sandbox.state.by_state() == {"failed": 6} and not oai.called
     reasons = {p.body.get("reason") for p in sandbox.state.patches if p.state == "failed"}
     assert all("unavailable on Ollama" in r and "file does not exist" in r for r in reasons)

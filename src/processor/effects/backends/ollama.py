@@ -10,7 +10,7 @@ In `hybrid` mode an Ollama that does not answer at start does not stop the start
 models are not given up: each is checked on first use (and by `maintain` in the
 background), and until then every call is an EmbedError UNREACHABLE. A model this Ollama
 cannot serve (the pull failed, not an embedding model) is an EmbedError MODEL_MISSING; the
-models that cannot be used right now, and why, are in `unusable`.
+models that cannot be used right now, and why, are in `unavailable`.
 
 Every failure is classified into a `Fault`; nothing foreign leaves this module.
 """
@@ -105,7 +105,7 @@ class OllamaBackend:
 
     # -- what can be used right now -----------------------------------------------------
     @property
-    def unusable(self) -> Mapping[str, str]:
+    def unavailable(self) -> Mapping[str, str]:
         """Models that cannot be used right now, and why (read-only, for /health)."""
         out = dict(self._missing)
         if self._down is not None:
@@ -246,7 +246,7 @@ class OllamaBackend:
     # -- start-up: make every configured model available ------------------------------
     async def start(self) -> None:
         """Make every configured model available. In `ollama` mode a failure is a start-up
-        error. In `hybrid` a model that cannot be made available is recorded in `unusable`
+        error. In `hybrid` a model that cannot be made available is recorded in `unavailable`
         (its calls are MODEL_MISSING); an Ollama that does not answer within the start wait
         leaves its models to be checked on first use."""
         for model in self._models:
@@ -264,15 +264,15 @@ class OllamaBackend:
                 self._mark_missing(model, str(exc))
 
     async def maintain(self, *, interval: float = RECHECK_INTERVAL) -> None:
-        """Run for the life of the daemon: look again at the models in `unusable`, so that
+        """Run for the life of the daemon: look again at the models in `unavailable`, so that
         an Ollama that comes up later, or a model pulled by hand, is used without a restart."""
         while True:
             await trio.sleep(interval)
             await self.recheck()
 
     async def recheck(self) -> None:
-        """One look at each unusable model (no pull for a model whose pull already failed)."""
-        for model in list(self.unusable):
+        """One look at each unavailable model (no pull for a model whose pull already failed)."""
+        for model in list(self.unavailable):
             if model in self._ready:
                 continue
             try:

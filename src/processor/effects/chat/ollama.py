@@ -16,6 +16,7 @@ import httpx
 import orjson
 import trio
 
+from processor.effects.backends.ollama import keep_alive_wire
 from processor.effects.chat.base import ChatAnswer, ChatError, ChatRequest, checked_json, estimate_tokens
 from processor.effects.chat.metrics import ChatMetrics
 from processor.effects.logs import get_logger
@@ -34,7 +35,7 @@ class OllamaChat:
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=10))
         self._timeout = timeout
         self._download_timeout = download_timeout
-        self._keep_alive = keep_alive
+        self._keep_alive = keep_alive_wire(keep_alive)  # `-1` as a number: Ollama refuses the string
         self._num_ctx = num_ctx
         self._max_tokens = max_tokens
         self._metrics = self.metrics = metrics
