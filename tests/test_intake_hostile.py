@@ -6,17 +6,24 @@ on a6a26dd (issue 11). A bad value must stay confined to its own entry.
 
 from __future__ import annotations
 
+import json
+
 import httpx
+import orjson
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from processor.config import load_settings
 from processor.daemon import Daemon
 from processor.effects.api import ApiError, TaskApi
 from processor.effects.auth import TokenProvider
 from processor.effects.guard import Guard
 from processor.effects.metrics import Metrics
 from processor.pure.breaker import BreakerConfig
-from processor.pure.tasks import Backend
+from processor.pure.jsonstream import unicode_problem
+from processor.pure.tasks import Backend, Routing, Task, parse_entry
 from tests.conftest import CountingBackend, make_settings, running, wait_until
 from tests.rawfake import raw_world
 
@@ -198,3 +205,69 @@ async def test_a_stream_that_breaks_off_is_an_api_error(tmp_path):
             finally:
                 world.app = app
         await trio.lowlevel.checkpoint()
+
+
+# --- the adapter over generated bodies ---------------------------------------------------
+
+json_leaves = (
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63 - 2, max_value=2**80)
+    | st.integers(min_value=-(2**80), max_value=-(2**63) + 2) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=[]) | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=[]), max_size=8)
+)
+json_values = st.recursive(json_leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3), max_leaves=12)
+task_entries = st.fixed_dictionaries(
+    {"_id": st.text("0123456789abcdef", min_size=24, max_size=24), "type": st.just("text_embedding"),
+     "content": st.one_of(st.text(min_size=1, max_size=20).filter(str.strip), json_values)},
+    optional={"__v": json_values, "createdAt": json_values, "x": json_values},
+)
+
+
+def _ok(v) -> bool:
+    """A value the reader must give back as it is (valid Unicode, an integer within 64 bits)."""
+    if isinstance(v, str):
+        return unicode_problem(v) is None
+    if isinstance(v, bool) or v is None or isinstance(v, float):
+        return True
+    if isinstance(v, int):
+        return -(2**63) <= v < 2**64
+    if isinstance(v, list):
+        return all(_ok(x) for x in v)
+    return all(_ok(x) for x in v.values())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(task_entries | json_values, max_size=8), st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=10))
+async def test_the_api_reads_every_entry_of_any_list_in_any_chunking(tmp_path, entries, sizes):
+    """Whatever values a list holds (huge integers, floats, lone surrogates, nesting) and
+    however the body is cut into chunks: every entry comes out, in order, valid ones exactly."""
+    body = json.dumps(entries).encode()
+
+    async def chunks():
+        i = k = 0
+        while i < len(body):
+            n = sizes[k % len(sizes)]
+            yield body[i : i + n]
+            i, k = i + n, k + 1
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/oauth2/token":
+            return httpx.Response(200, json={"access_token": "tok-abc", "token_type": "bearer", "expires_in": 3600})
+        return httpx.Response(200, content=chunks(), headers={"content-type": "application/json"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        settings_ = load_settings({"API_BASE_URL": "http://api.test", "OAUTH2_TOKEN_URL": "http://auth.test/oauth2/token",
+                                   "OAUTH2_CLIENT_ID": "c", "OAUTH2_CLIENT_SECRET": "secret", "PROCESSING_MODE": "mock",
+                                   "STATE_DIR": str(tmp_path / "s"), "RATE_LIMIT_ENABLED": "false"}, dotenv_path=None)[0]
+        metrics = Metrics()
+        tokens = TokenProvider(http, settings_, metrics=metrics, guard=Guard("token", BreakerConfig()))
+        api = TaskApi(http, settings_.api_base_url, tokens, metrics=metrics, guard=Guard("api", BreakerConfig()), concurrency=2)
+        async with api.pending() as stream:
+            got = [e async for e in stream]
+    assert len(got) == len(entries)
+    for sent, read in zip(entries, got, strict=True):
+        if _ok(sent):
+            assert read == sent
+        orjson.dumps(read, default=str)  # whatever came out can be logged and fingerprinted
+        parsed = parse_entry(read, Routing(default_model="m", mock=True))
+        if isinstance(parsed, Task):
+            assert isinstance(sent, dict) and parsed.id == sent["_id"] and parsed.text == sent["content"]
