@@ -15,8 +15,8 @@ from processor.effects.health import MAX_TEXT, HealthApp
 from processor.effects.logs import REDACTOR
 from processor.effects.metrics import Metrics
 from processor.pure.tasks import Backend
+from processor.sandbox.app import TokenAnswer
 from tests.conftest import CountingBackend, all_done, make_settings, running, wait_until
-from tests.rawfake import raw_world
 
 
 def modes(root) -> dict[str, int]:
@@ -28,16 +28,16 @@ def modes(root) -> dict[str, int]:
     return out
 
 
-async def test_state_files_are_private_after_a_real_run(tmp_path):
-    async with raw_world() as (_world, sb):
-        sb.state.seed(20)
-        settings = make_settings(sb, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_MINUTE="1000",
-                                 OPENAI_RATE_LIMIT_PER_MINUTE="1000")
-        daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
-        async with running(daemon):
-            await wait_until(all_done(sb.state, 20))
-            during = modes(tmp_path / "state")
-        after = modes(tmp_path / "state")
+async def test_state_files_are_private_after_a_real_run(sandbox, tmp_path):
+    sb = sandbox
+    sb.state.seed(20)
+    settings = make_settings(sb, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_MINUTE="1000",
+                             OPENAI_RATE_LIMIT_PER_MINUTE="1000")
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    async with running(daemon):
+        await wait_until(all_done(sb.state, 20))
+        during = modes(tmp_path / "state")
+    after = modes(tmp_path / "state")
     assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
     names = set(during) | set(after)
     assert {"journal.db", "rate_limits.db"} <= names and any(n.endswith("-wal") for n in during)
@@ -45,34 +45,34 @@ async def test_state_files_are_private_after_a_real_run(tmp_path):
         assert mode & 0o077 == 0, (name, oct(mode))
 
 
-async def test_state_files_left_world_readable_are_fixed_at_open(tmp_path):
+async def test_state_files_left_world_readable_are_fixed_at_open(sandbox, tmp_path):
+    sb = sandbox
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
-    async with raw_world() as (_world, sb):
-        settings = make_settings(sb, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_MINUTE="1000")
-        for name in ("journal.db", "journal.db-wal", "rate_limits.db"):
-            (state / name).write_bytes(b"")
-            os.chmod(state / name, 0o644)
-        sb.state.seed(3)
-        daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
-        async with running(daemon):
-            await wait_until(all_done(sb.state, 3))
+    settings = make_settings(sb, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_MINUTE="1000")
+    for name in ("journal.db", "journal.db-wal", "rate_limits.db"):
+        (state / name).write_bytes(b"")
+        os.chmod(state / name, 0o644)
+    sb.state.seed(3)
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    async with running(daemon):
+        await wait_until(all_done(sb.state, 3))
     for name, mode in modes(state).items():
         assert mode & 0o077 == 0, (name, oct(mode))
 
 
-async def test_health_never_shows_an_echoed_secret_and_bounds_error_texts(tmp_path):
+async def test_health_never_shows_an_echoed_secret_and_bounds_error_texts(sandbox, tmp_path):
     """The token endpoint echoes the client secret in its error: /health must not."""
-    async with raw_world() as (world, sb):
-        secret = sb.state.client_secret = "s3cr3t-value-that-must-not-leak"
-        echo = orjson.dumps({"error": f"invalid_client: we got {secret} " + "x" * 5000, "error_description": secret})
-        world.token = lambda _issued: (400, echo)
-        daemon = Daemon(make_settings(sb, tmp_path, OAUTH2_CLIENT_SECRET=secret), backends={Backend.MOCK: CountingBackend()},
-                        handle_signals=False)
-        async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:
-            await wait_until(lambda: sb.state.token_requests >= 1 and daemon.rt is not None and daemon.rt.tokens.last_error)
-            health = await c.get("/health")
-            ready = await c.get("/ready")
+    sb = sandbox
+    secret = sb.state.client_secret = "s3cr3t-value-that-must-not-leak"
+    echo = orjson.dumps({"error": f"invalid_client: we got {secret} " + "x" * 5000, "error_description": secret})
+    sb.state.token_answer = TokenAnswer(raw=echo, status=400)
+    daemon = Daemon(make_settings(sb, tmp_path, OAUTH2_CLIENT_SECRET=secret), backends={Backend.MOCK: CountingBackend()},
+                    handle_signals=False)
+    async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:
+        await wait_until(lambda: sb.state.token_requests >= 1 and daemon.rt is not None and daemon.rt.tokens.last_error)
+        health = await c.get("/health")
+        ready = await c.get("/ready")
     for r in (health, ready):
         assert secret not in r.text
         walk_strings(r.json(), lambda s: len(s) <= MAX_TEXT)

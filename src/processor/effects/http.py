@@ -20,9 +20,13 @@ import httpx
 
 
 def proxy_for(url: str) -> str | None:
-    """The proxy the environment asks for to reach `url` (None: direct)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+    """The proxy the environment asks for to reach `url` (None: direct). Never raises: a URL
+    that cannot be parsed gets no proxy (its requests then fail as the adapter's own error)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return None
     proxies = urllib.request.getproxies()
     if host and urllib.request.proxy_bypass(host):
         return None
