@@ -310,3 +310,41 @@ def test_classify_by_kind_and_status():
     assert classify(SimTimeout()) is ad.Outcome.TIMEOUT and classify(SimBusy()) is ad.Outcome.BUSY
     assert classify(E()) is ad.Outcome.ERROR
     assert classify(trio.Cancelled._create()) is None  # type: ignore[attr-defined]
+
+
+# -- the adapters take the limiter's timeout (real HTTP on loopback, the sandbox's slow server) --
+
+
+@pytest.mark.parametrize("backend", ["openai", "ollama"])
+async def test_adapters_take_a_per_call_timeout(backend, nursery):
+    from processor.effects.backends.base import EmbedError
+    from processor.effects.backends.ollama import OllamaBackend
+    from processor.effects.backends.openai import OpenAIBackend
+    from processor.effects.metrics import Metrics
+    from processor.sandbox import serve_asgi
+    from processor.sandbox.fake_backends import FakeBackendState, FakeEmbeddings
+
+    fake = FakeBackendState(dim=768 if backend == "ollama" else 1024, base=0.0, per_input=0.0, slow_per_char=1 / 2000)
+    stop = trio.Event()
+    url = await nursery.start(lambda task_status: serve_asgi(FakeEmbeddings(fake), "127.0.0.1", 0, shutdown=stop, task_status=task_status))
+    adapter: Any
+    if backend == "ollama":
+        adapter = OllamaBackend(base_url=url, models=["nomic-embed-text"], timeout=30, download_timeout=30, keep_alive="5m",
+                                truncate=True, max_batch=8, metrics=Metrics())
+        await adapter.start()
+        model = "nomic-embed-text"
+    else:
+        adapter = OpenAIBackend(api_key="sk-test-adaptive-timeout", base_url=url, dimensions=1024, timeout=30, max_batch=8, metrics=Metrics())
+        model = "text-embedding-3-small"
+    text = "x" * 1000  # half a second of the server's compute: no answer can come sooner
+    try:
+        with pytest.raises(EmbedError) as caught:
+            await adapter.embed(model, [text], timeout=0.1)
+        assert caught.value.fault is Fault.TIMEOUT
+        assert classify(caught.value) is ad.Outcome.TIMEOUT
+        # without one, the configured timeout (30 s): it waits behind the abandoned request
+        result = await adapter.embed(model, [text])
+        assert len(result.vectors) == 1
+    finally:
+        await adapter.aclose()
+        stop.set()

@@ -43,7 +43,7 @@ class MockBackend:
     def learn_dim(self, model: str, dim: int) -> None:
         return None
 
-    async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
+    async def embed(self, model: str, texts: Sequence[str], *, timeout: float | None = None) -> EmbedResult:
         if self.latency:
             await trio.sleep(self.latency)
         self.requests += 1

@@ -131,13 +131,13 @@ class OllamaBackend:
         return self._timeout + PER_INPUT_TIMEOUT * n
 
     # -- embedding ------------------------------------------------------------------------
-    async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
+    async def embed(self, model: str, texts: Sequence[str], *, timeout: float | None = None) -> EmbedResult:
         if model in self._missing:
             raise EmbedError(f"model {model!r} is unavailable on Ollama: {self._missing[model]}", Fault.MODEL_MISSING)
         if model not in self._ready:
             await self._check_lazily(model)
         try:
-            return await self._request(model, texts)
+            return await self._request(model, texts, timeout)
         except EmbedError as exc:
             if exc.fault is not Fault.MODEL_MISSING or exc.status != 404 or model in self._pulled_after_404:
                 if exc.fault is Fault.MODEL_MISSING:
@@ -154,7 +154,7 @@ class OllamaBackend:
             self._mark_missing(model, str(exc))
             raise EmbedError(f"model {model!r} not found on Ollama and could not be pulled: {exc}", Fault.MODEL_MISSING, status=404) from None
         try:
-            return await self._request(model, texts)
+            return await self._request(model, texts, timeout)
         except EmbedError as exc:
             if exc.fault is Fault.MODEL_MISSING:
                 self._mark_missing(model, str(exc))
@@ -182,17 +182,18 @@ class OllamaBackend:
             self._log.error("ollama_model_unavailable", model=model, error=why)
         self._missing[model] = why
 
-    async def _request(self, model: str, texts: Sequence[str]) -> EmbedResult:
+    async def _request(self, model: str, texts: Sequence[str], timeout: float | None = None) -> EmbedResult:
         """One `/api/embed` call, classified."""
         body = {"model": model, "input": list(texts), "truncate": self._truncate, "keep_alive": self._keep_alive}
         lock = self._locks.setdefault(model, trio.Lock())
         async with lock:
             try:
-                resp = await self._http.post("/api/embed", content=orjson.dumps(body), timeout=self.timeout_for(len(texts)),
+                resp = await self._http.post("/api/embed", content=orjson.dumps(body), timeout=self.timeout_for(len(texts)) if timeout is None else timeout,
                                              headers={"Content-Type": "application/json"})
             except httpx.TimeoutException:
                 self._count(model, "timeout")
-                raise EmbedError(f"Ollama timed out on a batch of {len(texts)} (OLLAMA_TIMEOUT={self._timeout:g}s + {PER_INPUT_TIMEOUT:g}s per input)", Fault.TIMEOUT) from None
+                limit = f"{timeout:g}s" if timeout is not None else f"OLLAMA_TIMEOUT={self._timeout:g}s + {PER_INPUT_TIMEOUT:g}s per input"
+                raise EmbedError(f"Ollama timed out on a batch of {len(texts)} ({limit})", Fault.TIMEOUT) from None
             except Exception as exc:  # connection refused / reset, DNS, a broken proxy: no answer
                 self._count(model, "connection_error")
                 raise self._not_answering(exc) from None

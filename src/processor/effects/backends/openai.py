@@ -147,21 +147,22 @@ class OpenAIBackend:
     def learn_dim(self, model: str, dim: int) -> None:
         self._dims.setdefault(model, dim)
 
-    async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
+    async def embed(self, model: str, texts: Sequence[str], *, timeout: float | None = None) -> EmbedResult:
         if trio.current_time() < self._pace_until:
             await trio.sleep_until(self._pace_until)
         try:
-            return await self._embed(model, texts)
+            return await self._embed(model, texts, timeout)
         except EmbedError as exc:
             if exc.fault is Fault.PARAMETER and exc.param == "encoding_format" and self._encoding == "base64":
                 # a compatible server without base64 vectors: ask for JSON floats from now on
                 self._encoding = "float"
                 self._log.warning("openai_base64_refused", error=str(exc), action="asking for float vectors")
-                return await self._embed(model, texts)
+                return await self._embed(model, texts, timeout)
             raise
 
-    async def _embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
-        timeout = self._timeout + 0.05 * len(texts)
+    async def _embed(self, model: str, texts: Sequence[str], timeout: float | None = None) -> EmbedResult:
+        if timeout is None:
+            timeout = self._timeout + 0.05 * len(texts)
         try:
             raw = await self._client.embeddings.with_raw_response.create(
                 model=model, input=list(texts), encoding_format=self._encoding, timeout=timeout,  # type: ignore[arg-type]
