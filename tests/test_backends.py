@@ -553,6 +553,42 @@ async def test_ollama_start_waits_for_a_server_that_is_still_starting(nursery):
 
 
 @respx.mock
+async def test_ollama_not_up_at_start_in_hybrid_is_rechecked_in_the_background(autojump_clock):
+    tags = respx.get(f"{OLLAMA}/api/tags").mock(side_effect=httpx.ConnectError("refused"))
+    b = ollama_backend(strict=False, download_timeout=2)
+    await b.start()  # hybrid: waits, then goes on
+    assert "unreachable" in b.unavailable["nomic-embed-text"] and b.down is not None
+    with pytest.raises(EmbedError) as info:
+        await b.embed("nomic-embed-text", ["x"])
+    assert info.value.fault is Fault.UNREACHABLE  # never MODEL_MISSING for a server that is down
+    ollama_up()
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: b.maintain(interval=10))
+        await trio.sleep(11)
+        n.cancel_scope.cancel()
+    assert not b.unavailable and b.down is None and b.expected_dim("nomic-embed-text") == 768
+    assert tags.call_count >= 2
+    await b.aclose()
+
+
+@respx.mock
+async def test_ollama_model_pulled_by_hand_is_noticed_by_the_recheck(autojump_clock):
+    respx.get(f"{OLLAMA}/api/tags").mock(return_value=httpx.Response(200, json={"models": []}))
+    pull = respx.post(f"{OLLAMA}/api/pull").mock(return_value=httpx.Response(200, content=b'{"error":"registry unreachable"}\n'))
+    respx.post(f"{OLLAMA}/api/embed").mock(return_value=httpx.Response(404, json={"error": 'model "nomic-embed-text" not found'}))
+    b = ollama_backend(strict=False)
+    await b.start()
+    assert "registry unreachable" in b.unavailable["nomic-embed-text"]
+    await b.recheck()  # still not there: no second pull
+    assert pull.call_count == 1 and "nomic-embed-text" in b.unavailable
+    ollama_up()  # someone ran `ollama pull`
+    await b.recheck()
+    assert not b.unavailable and pull.call_count == 1
+    assert len((await b.embed("nomic-embed-text", ["x"])).vectors) == 1
+    await b.aclose()
+
+
+@respx.mock
 async def test_check_reports_ollama_models_without_pulling():
     ollama_up()
     pull = respx.post(f"{OLLAMA}/api/pull")
@@ -882,8 +918,11 @@ async def test_daemon_hybrid_ollama_not_up_at_start_tasks_wait_then_succeed(sand
         await wait_until(lambda: released_or_failed(sandbox))
         assert not failed(sandbox)
         assert any("ollama" in r and "unreachable" in r for r in daemon.not_ready_reasons())
+        assert "unreachable" in daemon.health()["unavailable_models"]["ollama"]["nomic-embed-text"]
         await serve_fake_ollama(nursery, port, stop)
         await wait_until(all_done(sandbox.state, 6), timeout=60)
+        assert "ollama" not in daemon.health()["unavailable_models"]
+        assert not any("ollama" in r for r in daemon.not_ready_reasons())
     stop.set()
     assert sandbox.state.by_state() == {"succeeded": 6} and not failed(sandbox)
     assert all(len(sandbox.state.tasks[i]["result"]) == 768 for i in local)

@@ -173,6 +173,8 @@ class Daemon:
             "in_flight": len(rt.held),
             "outbox_size": rt.outbox_size,
             "quota_exhausted": {b.value: m for b, m in rt.quota_exhausted.items()},
+            # models a backend cannot serve right now, and why (adapters that know it)
+            "unavailable_models": {b.value: dict(u) for b, a in rt.backends.items() if (u := getattr(a, "unavailable", None))},
         }
 
     def _guards(self) -> list[Guard]:
@@ -201,6 +203,10 @@ class Daemon:
                 reasons.append(f"{b.value} backend circuit breaker open" + (f": {rt.backend_down[b]}" if b in rt.backend_down else ""))
         for b, msg in rt.quota_exhausted.items():
             reasons.append(f"{b.value} quota exhausted: {msg}")
+        for b, adapter in rt.backends.items():
+            down = getattr(adapter, "down", None)  # a backend that did not answer its last call
+            if down and not (rt.backend_guards[b].is_open and rt.backend_down.get(b) == down):
+                reasons.append(f"{b.value} backend: {down}")
         limiter_ok, err = rt.limiter.healthy
         if not limiter_ok or not rt.journal.db.writable:
             reasons.append(f"state store not writable: {err or rt.journal.db.last_error}")
@@ -320,6 +326,10 @@ class Daemon:
 
         async with trio.open_nursery() as outer:
             outer.start_soon(controller)
+            for adapter in rt.backends.values():
+                maintain = getattr(adapter, "maintain", None)  # e.g. Ollama: re-check unusable models
+                if maintain is not None:
+                    outer.start_soon(maintain)
             with trio.CancelScope() as work:
                 self._work_scope = work
                 if self._stop_requested.is_set():

@@ -269,7 +269,10 @@ class OllamaBackend:
         an Ollama that comes up later, or a model pulled by hand, is used without a restart."""
         while True:
             await trio.sleep(interval)
-            await self.recheck()
+            try:
+                await self.recheck()
+            except Exception as exc:  # a bug here must not end the daemon
+                self._log.error("ollama_recheck_failed", error=f"{type(exc).__name__}: {short(str(exc), 200)}")
 
     async def recheck(self) -> None:
         """One look at each unavailable model (no pull for a model whose pull already failed)."""
