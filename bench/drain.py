@@ -120,7 +120,7 @@ def idle_cpu(extra: dict[str, str] | None = None) -> float:
 
 
 async def ceiling_client(url: str, n: int, concurrency: int) -> float:
-    vector = [0.03125] * 1024
+    vector = [0.03125 + i * 1e-7 for i in range(1024)]  # floats of the length a real vector prints
     async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=concurrency + 2)) as c:
         t0 = time.perf_counter()
         r = await c.post("/oauth2/token", data={"grant_type": "client_credentials", "scope": "read write"}, auth=("sandbox-client", "sandbox-secret"))
@@ -175,26 +175,31 @@ def main() -> None:
             sb.close()
         sb = SandboxProc(n)
         try:
+            cpu0 = time.process_time()
             trio.run(ceiling_client, sb.url, n, args.api_concurrency)
+            ceiling_cpu = time.process_time() - cpu0
             stats = sb.stats()
             ceiling = stats["last_patch_at"] - stats["first_token_at"]
         finally:
             sb.close()
-        runs.append((d, ceiling))
+        runs.append((d, ceiling, ceiling_cpu))
     startup_cpu = idle_cpu()
     print(f"\n1. drain: {n} tasks, mock backend, API_CONCURRENCY={args.api_concurrency}, {args.repeat} runs (each: daemon, then ceiling)")
     ratios = []
-    for d, ceiling in runs:
+    for d, ceiling, _ in runs:
         rate, ceil_rate = n / d["work_seconds"], n / ceiling
         ratios.append(rate / ceil_rate)
         print(f"   daemon {d['work_seconds']:.2f} s = {rate:.0f} tasks/s ({d['requests'] / n:.3f} API requests/task, {d['states']}); "
               f"ceiling {ceiling:.2f} s = {ceil_rate:.0f} tasks/s; ratio {rate / ceil_rate:.2f}")
-    print(f"   median ratio daemon/ceiling: {statistics.median(ratios):.2f}  (target >= 0.7)")
+    print(f"   median ratio daemon/ceiling: {statistics.median(ratios):.2f}  (target >= 1.0)")
     print("   (the ceiling is a minimal client doing the same calls with the same concurrency; times run from the first token"
           " request to the last PATCH, as the sandbox saw them; process start-up is not counted)")
-    cpus = sorted(1000 * (d["cpu"] - startup_cpu) / n for d, _ in runs)
-    print(f"\n3. CPU: {statistics.median(cpus):.2f} CPU s per 1,000 tasks (median; start-up and idle polling, {startup_cpu:.2f} s, "
+    cpus = sorted(1000 * (d["cpu"] - startup_cpu) / n for d, _, _ in runs)
+    ceiling_cpus = sorted(1000 * c / n for _, _, c in runs)
+    print(f"\n3. CPU: daemon {statistics.median(cpus):.2f} CPU ms per task (median; start-up and idle polling, {startup_cpu:.2f} s, "
           f"measured alone and subtracted); runs: {', '.join(f'{c:.2f}' for c in cpus)}")
+    print(f"   ceiling client {statistics.median(ceiling_cpus):.2f} CPU ms per task (median, in this process); "
+          f"daemon/ceiling CPU {statistics.median(cpus) / statistics.median(ceiling_cpus):.2f}")
 
     if not args.skip_memory:
         small = SandboxProc(2000, text_size=2000)

@@ -264,14 +264,14 @@ class Daemon:
         s = self.s
         # One connection per concurrent API request, plus one for a pending-list stream
         # (httpcore checks every pooled connection on each request: spares cost CPU).
-        http, transport = build_client(s.api_base_url, connections=s.api_concurrency + 1, timeout=s.request_timeout)
+        http, lane = build_client(s.api_base_url, connections=s.api_concurrency + 1, timeout=s.request_timeout)
         # The token endpoint may live elsewhere (Ory Network): its own client, env proxies.
         token_http = httpx.AsyncClient(timeout=httpx.Timeout(s.request_timeout), trust_env=True)
         async with http, token_http:
             api_guard = Guard("task_api", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=60.0), metrics=self.metrics, rng=self._rng)
             token_guard = Guard("token_endpoint", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=120.0), metrics=self.metrics, rng=self._rng)
             tokens = TokenProvider(token_http, s, metrics=self.metrics, guard=token_guard)
-            api = TaskApi(http, s.api_base_url, tokens, metrics=self.metrics, guard=api_guard, concurrency=s.api_concurrency, transport=transport)
+            api = TaskApi(http, s.api_base_url, tokens, metrics=self.metrics, guard=api_guard, concurrency=s.api_concurrency, lane=lane)
             backends = self._backends or build_backends(s, self.metrics)
             guards = {b: Guard(b.value, attrs.evolve(breaker_config(s), base_wait=5.0, max_wait=300.0), metrics=self.metrics, rng=self._rng) for b in backends}
             try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import orjson
@@ -26,6 +26,7 @@ import trio
 
 from processor.effects.auth import TokenError, TokenProvider
 from processor.effects.guard import BreakerOpen, Guard, outcome_for_status
+from processor.effects.http import Http1Lane, LaneError
 from processor.effects.metrics import Metrics
 from processor.pure.breaker import Outcome
 from processor.pure.faults import Dependency, Fault
@@ -37,6 +38,14 @@ PENDING = "/api/ai-tasks/pending"
 TASKS = "/api/ai-tasks"
 TASK_BY_ID = "/api/ai-tasks/:id"
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}
+_JSON_B = ((b"Content-Type", b"application/json"), (b"Accept", b"application/json"))
+_STATUS = {200: "200", 201: "201", 204: "204", 401: "401", 404: "404"}  # metric label, no str() per request
+
+
+class _Answer(NamedTuple):
+    status: int
+    body: bytes  # empty for a 2xx (the API echoes the task; nobody reads it)
+    retry_after: str | None
 
 
 class ApiError(Exception):
@@ -97,11 +106,13 @@ class TaskApi:
         metrics: Metrics,
         guard: Guard,
         concurrency: int,
-        transport: httpx.AsyncBaseTransport | None = None,
+        lane: Http1Lane | None = None,
     ) -> None:
         self._http = http
-        self._transport = transport  # the hot path skips the client's cookie/redirect/auth layers
+        self._lane = lane  # the PATCHes: h11 keep-alive connections, prebuilt headers (effects/http.py)
         self._base = base_url.rstrip("/")
+        self._lane_token: str | None = None
+        self._lane_headers: list[tuple[bytes, bytes]] = []
         self._tokens = tokens
         self._metrics = metrics
         self.guard = guard
@@ -134,11 +145,7 @@ class TaskApi:
                 t0 = trio.current_time()
                 self.guard.note_request()
                 try:
-                    if self._transport is not None and not stream:
-                        resp = await self._transport.handle_async_request(request)
-                        await resp.aread()
-                    else:
-                        resp = await self._http.send(request, stream=stream)
+                    resp = await self._http.send(request, stream=stream)
                 except Exception as exc:  # httpx errors, and anything else below us: outcome unknown
                     self._observe(template, method, "error", t0)
                     self.guard.record(Outcome.FAILURE)
@@ -153,6 +160,68 @@ class TaskApi:
                 if resp.status_code < 400 and not stream:
                     self.last_success = trio.current_time()  # a stream counts once its body was readable
                 return resp
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _request(self, method: str, path: str, template: str, content: bytes) -> _Answer:
+        """A whole (non-streamed) exchange: breaker, concurrency bound, token, one 401
+        refresh. Through the lane when there is one; every failure becomes an ApiError."""
+        lane = self._lane
+        if lane is None:
+            hresp = await self._send(method, path, template, content=content)
+            try:
+                body = await hresp.aread() if hresp.status_code >= 400 else b""
+            except Exception as exc:  # the error body itself broke off
+                body = f"(body unreadable: {type(exc).__name__})".encode()
+            finally:
+                await _close(hresp)
+            return _Answer(hresp.status_code, body, hresp.headers.get("retry-after"))
+        try:
+            self.guard.check()
+        except BreakerOpen as exc:
+            raise ApiError(str(exc), status=None, kind=ErrorKind.RETRYABLE, retry_after=None, sent=False, fault=Fault.UNREACHABLE) from None
+        method_b, target = method.encode(), path.encode()
+        try:
+            self._limit.acquire_nowait()  # no scheduler round trip when a slot is free (the request checkpoints anyway)
+        except trio.WouldBlock:
+            await self._limit.acquire()
+        try:
+            return await self._lane_exchange(lane, method, method_b, target, template, content)
+        finally:
+            self._limit.release()
+
+    async def _lane_exchange(self, lane: Http1Lane, method: str, method_b: bytes, target: bytes, template: str, content: bytes) -> _Answer:
+        """One request through the lane, with one token refresh on 401."""
+        for attempt in (0, 1):
+            try:
+                token = await self._tokens.get()
+            except TokenError as exc:
+                kind = ErrorKind.PERMANENT if exc.permanent else ErrorKind.RETRYABLE
+                raise ApiError(str(exc), status=None, kind=kind, sent=False, fault=Fault.AUTH) from None
+            if token is not self._lane_token:  # header list built once per token
+                self._lane_headers = [*lane.base_headers(), *_JSON_B, (b"Authorization", b"Bearer " + token.encode())]
+                self._lane_token = token
+            t0 = trio.current_time()
+            self.guard.note_request()
+            try:
+                resp = await lane.request(method_b, target, self._lane_headers, content)
+            except LaneError as exc:
+                if not exc.sent:  # a header (the token) or target h11 refuses: nothing was sent
+                    raise ApiError(f"{method} {template}: cannot build the request ({exc})", status=None,
+                                   kind=ErrorKind.PERMANENT, sent=False, fault=Fault.INPUT) from None
+                self._observe(template, method, "error", t0)
+                self.guard.record(Outcome.FAILURE)
+                what, fault = ("Timeout", Fault.TIMEOUT) if exc.timeout else (str(exc), Fault.UNREACHABLE)
+                raise ApiError(f"{method} {template}: {what}", status=None, kind=ErrorKind.RETRYABLE, fault=fault) from None
+            status = resp.status
+            self._observe(template, method, _STATUS.get(status) or str(status), t0)
+            if status == 401 and attempt == 0:
+                self._tokens.invalidate(token)
+                continue
+            self.guard.record(outcome_for_status(status))
+            if status < 400:
+                self.last_success = trio.current_time()
+                return _Answer(status, b"", None)
+            return _Answer(status, resp.body, resp.header(b"retry-after"))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _observe(self, template: str, method: str, status: str, t0: float) -> None:
@@ -198,11 +267,15 @@ class TaskApi:
             # reason under both names in use, so that either kind of API keeps it.
             body["reason"] = reason
             body["error"] = reason
-        resp = await self._send("PATCH", f"{TASKS}/{task_id}", TASK_BY_ID, content=orjson.dumps(body))
-        try:
-            await self._raise_for(resp, f"PATCH {task_id} state={state}")
-        finally:
-            await _close(resp)
+        answer = await self._request("PATCH", f"{TASKS}/{task_id}", TASK_BY_ID, orjson.dumps(body))
+        if answer.status >= 400:
+            text = answer.body[:300].decode("utf-8", "replace")
+            raise ApiError(
+                f"PATCH {task_id} state={state}: HTTP {answer.status} {text}".strip(),
+                status=answer.status,
+                kind=classify_status(answer.status),
+                retry_after=_parse_retry_after(answer.retry_after),
+            )
 
     @asynccontextmanager
     async def pending(self) -> AsyncIterator[AsyncIterator[Any]]:
@@ -285,7 +358,10 @@ async def _close(resp: httpx.Response) -> None:
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
+    return _parse_retry_after(resp.headers.get("retry-after"))
+
+
+def _parse_retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     try:
