@@ -258,3 +258,23 @@ async def test_the_api_reads_every_entry_of_any_list_in_any_chunking(tmp_path, e
         parsed = parse_entry(read, Routing(default_model="m", mock=True))
         if isinstance(parsed, Task):
             assert isinstance(sent, dict) and parsed.id == sent["_id"] and parsed.text == sent["content"]
+
+
+async def test_deep_nesting_spoils_only_its_own_entry(sandbox, tmp_path):
+    """300 levels: JSON parsers read it, but it cannot be serialised again for a log line or a
+    fingerprint. The entry is unreadable (logged, counted); the daemon and the rest go on."""
+    st = sandbox.state
+    deep = b"[" * 300 + b"]" * 300
+    st.insert_raw_bytes(deep)
+    st.insert_raw_bytes(b'{"no_id": ' + deep + b"}")
+    with_id = st.new_id()
+    st.insert_raw_bytes(entry(with_id, b'"fine text"', b', "x": ' + deep), with_id)
+    good = st.seed(10)
+    daemon = Daemon(make_settings(sandbox, tmp_path), backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    async with running(daemon):
+        await wait_until(settled(st, good))
+        served = polls(st)
+        await wait_until(lambda: polls(st) >= served + 2)
+    assert all(st.tasks[i]["state"] == "succeeded" for i in good)
+    assert st.tasks[with_id]["state"] == "pending"  # never failed on a guess
+    assert daemon.metrics.registry.get_sample_value("ai_tasks_rejected_total", {"reason": "unreadable"}) == 3

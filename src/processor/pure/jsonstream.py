@@ -9,7 +9,8 @@ nesting, nothing else), and `decode_element` decodes each element alone.
 
 What `decode_element` returns is always a value `orjson` can serialise: a string that is
 not valid Unicode becomes an `InvalidValue` that says so, an integer outside 64 bits a float
-(as orjson reads it). An element that is not JSON at all becomes an `InvalidValue` too.
+(as orjson reads it). An element that is not JSON at all, is larger than
+`MAX_ELEMENT_BYTES` or nested deeper than `MAX_DEPTH` becomes an `InvalidValue` too.
 
 A body that is not an array (`{}`, `null`, an HTML page), a truncated one or one with data
 after the closing bracket raises `MalformedBody`: the answer as a whole is unusable.
@@ -27,6 +28,9 @@ import orjson
 # An element larger than this is not kept in memory: it is read past and reported as
 # unreadable (a task's text is at most 10,000 characters: about 60 KB even escaped).
 MAX_ELEMENT_BYTES = 4 * 1024 * 1024
+# An element nested deeper than this is unreadable (a task is 3 levels deep; orjson, which
+# logs and fingerprints entries downstream, cannot serialise more than 254 levels).
+MAX_DEPTH = 128
 
 _WS = re.compile(rb"[ \t\r\n]*+")
 # Everything up to the next character that matters, complete strings included. At depth 0
@@ -86,6 +90,7 @@ class ArraySplitter:
         self._depth = 0
         self._in_string = False
         self._oversize = False
+        self._too_deep = False
         self.elements = 0
         self._error: MalformedBody | None = None
 
@@ -152,7 +157,7 @@ class ArraySplitter:
                     if not self._expect_value:
                         raise self._fail(f"the array lacks a comma after entry {self.elements}")
                     self._phase, self._start, self._depth = 2, i, 0
-                    self._oversize = False
+                    self._oversize = self._too_deep = False
             elif phase == 3:
                 raise self._fail(f"the body has data after the array: {_show(buf[i : i + 40])}")
             else:
@@ -184,6 +189,8 @@ class ArraySplitter:
                 return self._scan_element(out) if pos + 1 < n else self._check_size()
             if c in b"[{":
                 self._depth += 1
+                if self._depth > MAX_DEPTH:
+                    self._too_deep = True
             elif c in b"]}":
                 if self._depth == 0:
                     if c == 0x7D:
@@ -209,6 +216,8 @@ class ArraySplitter:
         self._expect_value = False
         if self._oversize or end - self._start > self._max:
             out.append(InvalidValue(f"entry {self.elements} is larger than {self._max} bytes"))
+        elif self._too_deep:
+            out.append(InvalidValue(f"entry {self.elements} is nested deeper than {MAX_DEPTH} levels"))
         else:
             out.append(bytes(self._buf[self._start : end]))
         self._oversize = False
@@ -240,7 +249,7 @@ class _TooDeep(Exception):
 
 
 def _clean(v: Any, depth: int) -> Any:
-    if depth > 256:
+    if depth > MAX_DEPTH:
         raise _TooDeep
     if isinstance(v, str):
         problem = unicode_problem(v)
