@@ -111,3 +111,29 @@ async def test_ready_reasons_from_peers_are_redacted_and_bounded():
         walk_strings(r.json(), lambda s: len(s) <= MAX_TEXT)
     assert health.json()["backend"]["n"] == 3
     assert "surrogate" in ready.json()["reasons"][1]
+
+
+def test_a_log_line_never_raises_whatever_a_peer_sent():
+    """Texts and values from peers reach log events: surrogates, integers beyond 64 bits,
+    deep nesting, objects. Each event still becomes one JSON line; the caller never sees an
+    exception from logging."""
+    import io
+
+    from processor.effects.logs import configure_logging, get_logger
+
+    out = io.StringIO()
+    configure_logging("INFO", "json", stream=out)
+    try:
+        log = get_logger("test")
+        deep: list = []
+        for _ in range(5000):
+            deep = [deep]
+        log.warning("surrogate", error="backend said \udc00 and \ud800x", nested={"k": ["\udfff"]})
+        log.warning("bigint", value=2**70, huge=10**5000)
+        log.warning("deep", value=deep)
+        log.warning("object", value=object())
+    finally:
+        configure_logging("WARNING", "json")
+    lines = out.getvalue().splitlines()
+    assert [orjson.loads(line)["event"] for line in lines] == ["surrogate", "bigint", "deep", "object"]
+    assert "\\udc00" in orjson.loads(lines[0])["error"]

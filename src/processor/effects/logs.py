@@ -71,6 +71,11 @@ class Redactor:
         return len(self._all)
 
     def redact(self, text: str) -> str:
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates from a peer: escaped, never a crash
+                text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         for s in self._all:
             if s in text:
                 text = text.replace(s, "[REDACTED]")
@@ -78,13 +83,15 @@ class Redactor:
             text = pattern.sub(repl, text)
         return text
 
-    def _walk(self, value: Any) -> Any:
+    def _walk(self, value: Any, depth: int = 0) -> Any:
         if isinstance(value, str):
             return self.redact(value)
+        if depth > 32 and isinstance(value, (dict, list, tuple)):
+            return "…"  # deeper than any event of ours: cut, never a RecursionError
         if isinstance(value, dict):
-            return {k: self._walk(v) for k, v in value.items()}
+            return {k: self._walk(v, depth + 1) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return [self._walk(v) for v in value]
+            return [self._walk(v, depth + 1) for v in value]
         if isinstance(value, BaseException):
             return self.redact(f"{type(value).__name__}: {value}")
         return value
@@ -97,7 +104,28 @@ REDACTOR = Redactor()  # logging is process-wide by nature; so is its redaction 
 
 
 def _render_json(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
-    return orjson.dumps(event, default=str).decode()
+    try:
+        return orjson.dumps(event, default=str).decode()
+    except TypeError:  # an integer beyond 64 bits, nesting beyond orjson's limit: never raise
+        return orjson.dumps({str(k): _plain(v, 0) for k, v in event.items()}, default=str).decode()
+
+
+def _plain(value: Any, depth: int) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**64:
+            return value
+        return str(value) if value.bit_length() < 4000 else f"<integer of {value.bit_length()} bits>"
+    if depth > 32:
+        return "…"
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    return _plain(str(value), depth + 1)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | None = None) -> None:
