@@ -1,10 +1,11 @@
 """A slow CPU embedding server and the daemon with DEFAULT settings (issue 11).
 
-    python bench/slow_backend.py [--tasks 128] [--chars 2000] [--timeout 300] [--mode ollama|openai]
+    python bench/slow_backend.py [--tasks 128] [--chars 2000] [--timeout 300] [--mode openai|ollama]
 
 The fake server (processor.sandbox.fake_backends, slow mode) computes one request at a time,
 1 s per 2,000 characters, and finishes a request whose client gave up before it starts the
-next one, like a CPU-only Ollama. The ideal is its compute time for every text once
+next one, like an OpenAI-compatible embedding server on a CPU (`--mode openai`, the
+default: the daemon sends requests in parallel there) or a CPU-only Ollama (`--mode ollama`). The ideal is its compute time for every text once
 (128 s for 128 texts of 2,000 characters). Targets: done within 240 s, <= 2.2 PATCHes per
 task, then SIGTERM exits 0 within the grace with nothing left in_progress.
 
@@ -74,5 +75,5 @@ if __name__ == "__main__":
     ap.add_argument("--tasks", type=int, default=128)
     ap.add_argument("--chars", type=int, default=2000)
     ap.add_argument("--timeout", type=float, default=300.0)
-    ap.add_argument("--mode", choices=("ollama", "openai"), default="ollama")
+    ap.add_argument("--mode", choices=("ollama", "openai"), default="openai")
     trio.run(main, ap.parse_args())

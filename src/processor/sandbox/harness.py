@@ -364,6 +364,17 @@ def json_raw(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
+def pending_entry(tid: Any, content: Any, **extra: Any) -> bytes:
+    """A text_embedding entry of the pending list, as raw bytes."""
+    return json_raw({"_id": tid, "type": "text_embedding", "state": "pending", "content": content, **extra})
+
+
+async def assert_holds(world: World, d: Daemon, **kw: Any) -> None:
+    """Every property of `World.violations` holds (else one line per violation)."""
+    v = await world.violations(d, **kw)
+    assert not v, "\n".join(v)
+
+
 def event_names(log: str) -> list[str]:
     out = []
     for line in log.splitlines():
