@@ -18,6 +18,8 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from processor.effects.adaptive import AdaptiveLimiter, AdaptiveLimits, classify
 from processor.pure import adaptive as ad
@@ -348,3 +350,49 @@ async def test_adapters_take_a_per_call_timeout(backend, nursery):
     finally:
         await adapter.aclose()
         stop.set()
+
+
+# -- the shell never lets more out than the decision in force ---------------------------------
+
+calls = st.lists(st.tuples(st.sampled_from(["ok", "timeout", "busy", "error"]), st.floats(0.0, 30.0), st.integers(1, 64)),
+                 min_size=1, max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(max_items=st.integers(1, 64), max_in_flight=st.integers(1, 6), workers=st.integers(1, 8), script=calls)
+def test_slots_never_exceed_the_decision_in_force(max_items, max_in_flight, workers, script):
+    async def main() -> list[str]:
+        limiter = AdaptiveLimits(max_items=max_items, max_in_flight=max_in_flight, timeouts={"b": 60.0}).get("b", "m")
+        todo = list(script)
+        bad: list[str] = []
+
+        async def worker() -> None:
+            while todo:
+                kind, seconds, size = todo.pop()
+                try:
+                    async with limiter.slot() as slot:
+                        allowed = slot.decision.max_in_flight
+                        if limiter.in_flight > allowed or allowed > max_in_flight:
+                            bad.append(f"{limiter.in_flight} out, {allowed} allowed")
+                        items = min(size, slot.max_items)
+                        timeout = slot.start(items, items * 100)
+                        if not (0 < timeout <= 60.0) or items > max_items:
+                            bad.append(f"timeout {timeout}, items {items}")
+                        await trio.sleep(min(seconds, timeout))
+                        if kind == "timeout":
+                            raise SimTimeout("late")
+                        if kind == "busy":
+                            raise SimBusy("busy")
+                        if kind == "error":
+                            raise ValueError("other")
+                except (SimTimeout, SimBusy, ValueError):
+                    pass
+
+        async with trio.open_nursery() as n:
+            for _ in range(workers):
+                n.start_soon(worker)
+        if limiter.in_flight != 0:
+            bad.append(f"{limiter.in_flight} slots still taken")
+        return bad
+
+    assert trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0)) == []
