@@ -39,6 +39,7 @@ from processor.effects.backends.base import (
 )
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
+from processor.effects.retrying import retrying
 from processor.pure.faults import Fault
 
 PER_INPUT_TIMEOUT = 1.0  # seconds added to OLLAMA_TIMEOUT per input of a batch
@@ -345,18 +346,20 @@ class OllamaBackend:
         return names
 
     async def _wait_until_reachable(self) -> set[str] | None:
-        """`_tags`, waiting (with backoff) for an Ollama that is still starting."""
-        deadline = trio.current_time() + min(self._download_timeout, STARTUP_WAIT)
-        delay = 0.5
-        while True:
-            try:
+        """`_tags`, waiting (with backoff, within the start wait) for an Ollama that is still
+        starting."""
+
+        def still_starting(exc: BaseException) -> bool:
+            if isinstance(exc, OllamaNotAnswering):
+                self._log.warning("ollama_waiting", url=str(self._http.base_url), error=str(exc))
+                return True
+            return False
+
+        async for attempt in retrying(name="ollama_start", on=still_starting, attempts=1000,
+                                      timeout=min(self._download_timeout, STARTUP_WAIT), base=0.5, cap=10.0):
+            with attempt:
                 return await self._tags()
-            except OllamaNotAnswering as exc:
-                if trio.current_time() + delay > deadline:
-                    raise
-                self._log.warning("ollama_waiting", url=str(self._http.base_url), error=str(exc), retry_in=delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")  # pragma: no cover: retrying re-raises the last error
 
     async def _show(self, model: str) -> dict[str, Any] | None:
         """`/api/show` details; None when the server has no usable `/api/show`."""
