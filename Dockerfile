@@ -1,16 +1,26 @@
 # syntax=docker/dockerfile:1
+# The base defaults to the official Python image; any Debian bookworm root file system with
+# python3, python3-venv and ca-certificates works too (CI builds on one made by debootstrap:
+# deploy/image-check).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
 # Build stage: wheels for the package and its dependencies (compilers stay here).
-FROM python:3.11-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A CA bundle for pip when the build runs behind a TLS-intercepting proxy (a path mounted
+# into the build, e.g. `-v /etc/ssl/certs/ca-certificates.crt:/run/build-ca.crt:ro`).
+ARG BUILD_CA_BUNDLE=
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN python -m venv /opt/venv \
+# coredis ships a module in Python 3.12 syntax that 3.11 never imports: leave it uncompiled.
+RUN if [ -n "$BUILD_CA_BUNDLE" ]; then export PIP_CERT="$BUILD_CA_BUNDLE"; fi \
+    && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-compile . \
-    && /opt/venv/bin/python -m compileall -q /opt/venv
+    && /opt/venv/bin/python -m compileall -q -x '/coredis/.*_py_312_typing\.py$' /opt/venv
 
 # Final stage: the virtualenv only, a non-root user, no build tools.
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="processor" \
       org.opencontainers.image.description="Worker daemon for AI tasks (text embeddings)"
 ENV PATH=/opt/venv/bin:$PATH \

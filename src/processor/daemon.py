@@ -287,6 +287,7 @@ class Daemon:
                 routing=routing_for(s), rng=self._rng, wall=self._clock,
             )
             self.rt = rt
+            self.metrics.watch(rt)  # scrape-time gauges, bounded model label, series at zero
             try:
                 for b, adapter in backends.items():
                     try:
