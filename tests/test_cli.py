@@ -83,11 +83,11 @@ def test_check_names_an_unreachable_api(sandbox_process):
 
 
 def test_demo_runs_end_to_end():
-    r = run("demo", "--tasks", "120", timeout=120)
+    r = run("demo", "--tasks", "120", env={"PROCESSING_MODE": "mock"}, timeout=120)  # local model: tests/deploy/test_local_backend.py
     assert r.returncode == 0, r.stdout + r.stderr
     assert "succeeded    120" in r.stdout and "in_progress  0" in r.stdout and "pending      0" in r.stdout
     assert "1024 dimensions, L2 norm 1.000000" in r.stdout
-    r = run("demo", "--tasks", "50", "--malformed", timeout=120)
+    r = run("demo", "--tasks", "50", "--malformed", env={"PROCESSING_MODE": "mock"}, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "failed       4" in r.stdout and "pending      2" in r.stdout
 

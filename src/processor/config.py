@@ -36,6 +36,7 @@ class Mode(enum.Enum):
     OLLAMA = "ollama"
     HYBRID = "hybrid"
     MOCK = "mock"
+    LOCAL = "local"  # wordllama in-process (the `local` extra)
 
 
 class AuthMethod(enum.Enum):
@@ -556,6 +557,8 @@ def load_settings(
     if "default_model" not in values and mode is not None:
         models = values.get("supported_models", DEFAULT_SUPPORTED_MODELS)
         values["default_model"] = "text-embedding-3-small" if mode is Mode.OPENAI else models[0]
+    if mode is Mode.LOCAL and "embedding_dimensions" not in values:
+        values["embedding_dimensions"] = 256  # the local model's size (64 and 128 by truncation)
     state_dir = values.get("state_dir", "data")
     if "rate_limit_storage_path" not in values:
         values["rate_limit_storage_path"] = str(Path(state_dir) / "rate_limits.db")

@@ -84,6 +84,7 @@ def routing_for(settings: Settings) -> Routing:
         local_models=local,
         remote=mode in (Mode.OPENAI, Mode.HYBRID),
         mock=mode is Mode.MOCK,
+        local=mode is Mode.LOCAL,
     )
 
 
@@ -92,6 +93,10 @@ def build_backends(settings: Settings, metrics: Metrics) -> dict[Backend, Embedd
     out: dict[Backend, EmbeddingBackend] = {}
     if mode is Mode.MOCK:
         out[Backend.MOCK] = MockBackend(settings.embedding_dimensions, latency=settings.mock_latency_ms / 1000)
+    if mode is Mode.LOCAL:
+        from processor.effects.backends.local import LocalBackend
+
+        out[Backend.LOCAL] = LocalBackend(settings.embedding_dimensions, max_items=settings.max_batch_size)
     if mode in (Mode.OLLAMA, Mode.HYBRID):
         from processor.effects.backends.ollama import OllamaBackend
 

@@ -144,8 +144,14 @@ async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
                 detail = f"models ready: {', '.join(settings.supported_models)}"
             else:
                 model = settings.default_model if routing.backend_for(settings.default_model) is b else "text-embedding-3-small"
-                await adapter.probe(model)
-                detail = f"embedded a probe with {model}"
+                probe = await adapter.embed(model, ["probe"])
+                got = len(probe.vectors[0]) if probe.vectors else 0
+                if got != settings.embedding_dimensions:
+                    out.append((name, False, f"{model} returns {got}-dimension vectors, EMBEDDING_DIMENSIONS is "
+                                f"{settings.embedding_dimensions}: set EMBEDDING_DIMENSIONS={got} if the task API stores "
+                                f"{got}-dimension vectors, else use a model or server that gives {settings.embedding_dimensions}"))
+                    continue
+                detail = f"embedded a probe with {model}: {got} dimensions"
             out.append((name, True, detail))
         except Exception as exc:
             out.append((name, False, str(exc)))
@@ -224,17 +230,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 async def _demo_async(n_tasks: int, malformed: bool) -> int:
     from processor.daemon import Daemon
+    from processor.effects.backends.local import DEMO_CLAIMS, local_available
     from processor.sandbox import SandboxApp, SandboxState, serve_asgi
 
+    # With the `local` extra installed, a real model (wordllama) and claims worth comparing.
+    mode = os.environ.get("PROCESSING_MODE") or ("local" if local_available() else "mock")
     state = SandboxState()
-    state.seed(n_tasks, text_size=200)
+    claims = {state.create({"type": "text_embedding", "content": c})["_id"]: c for c in DEMO_CLAIMS[:n_tasks]} if mode == "local" else {}
+    state.seed(n_tasks - len(claims), text_size=200)
     bad = state.seed_malformed() if malformed else {}
     stop = trio.Event()
     with tempfile.TemporaryDirectory(prefix="processor-demo-") as tmp:
         async with trio.open_nursery() as n:
             url = await n.start(lambda task_status: serve_asgi(SandboxApp(state), "127.0.0.1", 0, shutdown=stop, task_status=task_status))
             env = {
-                "PROCESSING_MODE": "mock",
+                "PROCESSING_MODE": mode,
                 "POLLING_INTERVAL_SECONDS": "1",
                 "METRICS_PORT": "0",
                 "METRICS_HOST": "127.0.0.1",
@@ -283,12 +293,28 @@ async def _demo_async(n_tasks: int, malformed: bool) -> int:
     print(f"  throughput   {n_tasks / elapsed:.1f} tasks/s ({elapsed:.2f} s)")
     if vec:
         print(f"  sample vector: {len(vec)} dimensions, L2 norm {math.sqrt(sum(x * x for x in vec)):.6f}")
+    if claims:
+        _print_neighbours(state, claims)
     if bad:
         print("  (2 malformed entries stay pending by design: one has no _id, so it cannot be reported;\n"
               "   one has a task type this processor does not run, left for a worker that does)")
     stays_pending = 2 if bad else 0
     ok = counts.get("succeeded", 0) >= n_tasks and counts.get("in_progress", 0) == 0 and counts.get("pending", 0) == stays_pending
     return EXIT_OK if ok else EXIT_FAIL
+
+
+def _print_neighbours(state: Any, claims: dict[str, str]) -> None:
+    from processor.effects.backends.local import DEMO_CLAIMS, DEMO_QUERIES, nearest_neighbours
+
+    vectors = {text: state.tasks[tid].get("result") for tid, text in claims.items() if state.tasks[tid].get("state") == "succeeded"}
+    print("nearest neighbours by cosine similarity (local model), among the demo claims:")
+    for i in DEMO_QUERIES:
+        if i >= len(DEMO_CLAIMS) or not vectors.get(DEMO_CLAIMS[i]):
+            continue
+        query = DEMO_CLAIMS[i]
+        print(f"  {query}")
+        for score, text in nearest_neighbours(vectors[query], [(t, v) for t, v in vectors.items() if t != query and v]):
+            print(f"    {score:.2f}  {text}")
 
 
 _DEMO_PASSTHROUGH = {

@@ -31,6 +31,7 @@ class Backend(enum.Enum):
     OPENAI = "openai"
     OLLAMA = "ollama"
     MOCK = "mock"
+    LOCAL = "local"
 
 
 class RejectReason(enum.Enum):
@@ -86,10 +87,13 @@ class Routing:
     local_models: frozenset[str] = frozenset()
     remote: bool = False
     mock: bool = False
+    local: bool = False  # the local model serves every model name
 
     def backend_for(self, model: str) -> Backend | None:
         if self.mock:
             return Backend.MOCK
+        if self.local:
+            return Backend.LOCAL
         if model in self.local_models or _untagged(model) in self.local_models:
             return Backend.OLLAMA
         if self.remote:
