@@ -70,7 +70,7 @@ def start_sandbox(tmp: Path, *, seed: int = 0) -> tuple[Proc, str]:
     port = free_port()
     proc = Proc("sandbox", [sys.executable, "-m", "processor", "sandbox", "--port", str(port), "--seed", str(seed)], log=tmp / "sandbox.log")
     url = f"http://127.0.0.1:{port}"
-    wait_for("the sandbox", lambda: _dead(proc) or httpx.get(f"{url}/_sandbox/stats", timeout=5).status_code == 200)
+    wait_for("the sandbox", lambda: fail_if_dead(proc) or httpx.get(f"{url}/_sandbox/stats", timeout=5).status_code == 200)
     return proc, url
 
 
@@ -79,7 +79,7 @@ def start_fake_embeddings(tmp: Path) -> tuple[Proc, str]:
     proc = Proc("fake-embeddings", [sys.executable, str(ROOT / "tests/deploy/fake_embedding_server.py"), "--port", str(port)],
                 log=tmp / "fake_embeddings.log")
     url = f"http://127.0.0.1:{port}"
-    wait_for("the fake embedding server", lambda: _dead(proc) or httpx.post(f"{url}/_fault", json={}, timeout=5).status_code == 200)
+    wait_for("the fake embedding server", lambda: fail_if_dead(proc) or httpx.post(f"{url}/_fault", json={}, timeout=5).status_code == 200)
     return proc, url
 
 
@@ -99,12 +99,12 @@ def daemon_env(sandbox_url: str, state_dir: Path, metrics_port: int, **extra: An
 def start_daemon(tmp: Path, env: dict[str, str], *, name: str = "daemon") -> Proc:
     proc = Proc(name, [sys.executable, "-m", "processor", "--env-file", os.devnull, "run"], env=env, log=tmp / f"{name}.log")
     port = env["METRICS_PORT"]
-    wait_for(f"{name}'s /health", lambda: _dead(proc) or httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200,
+    wait_for(f"{name}'s /health", lambda: fail_if_dead(proc) or httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200,
              timeout=90)
     return proc
 
 
-def _dead(proc: Proc) -> bool:
+def fail_if_dead(proc: Proc) -> bool:
     if not proc.alive():
         raise AssertionError(f"{proc.name} exited with {proc.p.returncode}:\n{proc.log()}")
     return False
