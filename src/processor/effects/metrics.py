@@ -179,10 +179,11 @@ class Metrics:
         """Register the running daemon: its settings bound the model label and pre-create
         the labelled series; its state feeds the gauges computed at scrape time."""
         s = rt.s
-        self.set_models([*s.supported_models, s.default_model, *s.fallback_models.keys(), *s.fallback_models.values()])
+        named = [*s.supported_models, s.default_model, *s.fallback_models.keys(), *s.fallback_models.values()]
+        self.set_models(named)
         self._runtime = rt
         self.outbox_oldest.set_function(lambda: _outbox_oldest_age(rt))
-        models = sorted(self._models or ())
+        models = sorted(set(named))
         for b in rt.backends:
             self.quota_exhausted.labels(b.value)
             self.batch_size.labels(b.value)
