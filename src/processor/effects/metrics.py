@@ -44,7 +44,9 @@ RELEASE_REASONS = (
     "shutdown", "recovered_at_start", "stale_claim", "lease_lost", "backend_down", "backend_unavailable",
     "backend_unreachable", "input_rejected", "timeout", "transient_failure",
 )
-EMBED_OUTCOMES = ("success", "input", "model", "transient", "timeout", "rate_limited", "backend_down")
+# embedding_requests_total{outcome}: "success" or the adapters' Fault value
+EMBED_OUTCOMES = ("success", "input", "parameter", "dimension", "model_missing", "auth", "quota", "rate_limited", "busy",
+                  "server", "timeout", "unreachable", "malformed")
 STAGES = ("taken", "claimed", "computed", "reported")
 
 

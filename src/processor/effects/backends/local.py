@@ -17,7 +17,8 @@ from typing import Any
 
 import trio
 
-from processor.effects.backends.base import EmbedError, EmbedErrorKind, EmbedResult, RequestLimits, estimate_tokens
+from processor.effects.backends.base import EmbedError, EmbedResult, RequestLimits, estimate_tokens
+from processor.pure.faults import Fault
 
 MODEL_NAME = "wordllama-l2-supercat"
 FULL_DIM = 256
@@ -25,7 +26,12 @@ DIMENSIONS = (64, 128, 256)
 
 
 class LocalUnavailable(Exception):
-    """wordllama is not installed, or its bundled weights cannot be loaded."""
+    """wordllama is not installed, its bundled weights cannot be loaded, or it cannot give
+    the configured size; `fault` classifies it for the caller."""
+
+    def __init__(self, message: str, fault: Fault = Fault.MODEL_MISSING) -> None:
+        super().__init__(message)
+        self.fault = fault
 
 
 def load_wordllama(dim: int = FULL_DIM) -> Any:
@@ -43,7 +49,8 @@ def load_wordllama(dim: int = FULL_DIM) -> Any:
         root.handlers[:] = handlers
         root.setLevel(level)
     if dim not in DIMENSIONS:
-        raise LocalUnavailable(f"the local model gives {', '.join(map(str, DIMENSIONS))} dimensions, not {dim} (EMBEDDING_DIMENSIONS)")
+        raise LocalUnavailable(f"the local model gives {', '.join(map(str, DIMENSIONS))} dimensions, not {dim} (EMBEDDING_DIMENSIONS)",
+                               Fault.DIMENSION)
     try:
         return WordLlama.load(cache_dir=Path(wordllama.__file__).parent, disable_download=True,
                               trunc_dim=None if dim == FULL_DIM else dim)
@@ -83,7 +90,7 @@ class LocalBackend:
         try:
             await self.start()
         except LocalUnavailable as exc:
-            raise EmbedError(str(exc), EmbedErrorKind.BACKEND_DOWN) from None
+            raise EmbedError(str(exc), exc.fault, param="dimensions" if exc.fault is Fault.DIMENSION else None) from None
         batch = list(texts)
         vectors = await trio.to_thread.run_sync(self._encode, batch, limiter=self._cpu)
         self.requests += 1
