@@ -46,6 +46,15 @@ async def test_truncated_dimensions_and_a_size_it_cannot_give() -> None:
         await LocalBackend(1024).embed("m", ["x"])
 
 
+async def test_a_timeout_is_a_timeout_fault() -> None:
+    b = LocalBackend()
+    await b.start()
+    with pytest.raises(EmbedError) as err:
+        await b.embed("m", ["a claim " * 50] * 2000, timeout=0)
+    assert err.value.fault.value == "timeout"
+    assert len((await b.embed("m", ["after a timeout"], timeout=60)).vectors) == 1
+
+
 async def test_loading_leaves_the_root_logger_alone() -> None:
     root = logging.getLogger()
     before = (root.handlers[:], root.level)

@@ -86,13 +86,18 @@ class LocalBackend:
         if self._model is None:
             self._model = await trio.to_thread.run_sync(load_wordllama, self.dim)
 
-    async def embed(self, model: str, texts: Sequence[str]) -> EmbedResult:
+    async def embed(self, model: str, texts: Sequence[str], *, timeout: float | None = None) -> EmbedResult:
         try:
             await self.start()
         except LocalUnavailable as exc:
             raise EmbedError(str(exc), exc.fault, param="dimensions" if exc.fault is Fault.DIMENSION else None) from None
         batch = list(texts)
-        vectors = await trio.to_thread.run_sync(self._encode, batch, limiter=self._cpu)
+        # A thread cannot be interrupted: on timeout it is abandoned (it finishes on its own,
+        # holding the CPU limiter until then) and the batch counts as timed out.
+        with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+            vectors = await trio.to_thread.run_sync(self._encode, batch, limiter=self._cpu, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            raise EmbedError(f"local model: no answer within {timeout:g}s for {len(batch)} inputs", Fault.TIMEOUT)
         self.requests += 1
         return EmbedResult(vectors, sum(estimate_tokens(t) for t in batch))
 
