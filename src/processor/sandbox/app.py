@@ -82,7 +82,7 @@ class Fault:
     body: bytes | None = None  # answer these raw bytes (with `status`) instead of the JSON message
     content_type: str = "application/json"
     hang: float = 0.0  # wait this long (the client may give up first), then drop the connection
-    fired: int = 0  # how many times it fired
+    fired: int = attrs.field(default=0, repr=False)  # how many times it fired
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Fault:

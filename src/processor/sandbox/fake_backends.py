@@ -76,7 +76,7 @@ class Answer:
     status: int = 503
     body: bytes | None = None  # for `status`: the raw body (default: an error JSON of the right shape)
     latency: float = 0.0  # for `hang`: how long before the connection drops
-    fired: int = 0
+    fired: int = attrs.field(default=0, repr=False)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Answer:

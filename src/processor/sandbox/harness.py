@@ -220,14 +220,14 @@ class World:
     def states(self) -> dict[str, int]:
         return dict(self.sandbox.by_state())
 
-    def settled(self) -> bool:
+    def settled(self, *, require_success: bool = True) -> bool:
         """Nothing in progress, every task that must succeed has."""
         if self.sandbox.by_state().get("in_progress", 0):
             return False
-        return all(self.state_of(o.key) == "succeeded" for o in self.offered if o.expect == "succeed")
+        return not require_success or all(self.state_of(o.key) == "succeeded" for o in self.offered if o.expect == "succeed")
 
     async def wait_quiet(self, timeout: float = 45.0, quiet_for: float = 1.0, also: Callable[[], bool] | None = None,
-                         polls: int = 2) -> bool:
+                         polls: int = 2, require_success: bool = True) -> bool:
         """Wait until settled, `polls` more pending lists were served, and no PATCH came for
         `quiet_for` s (or a daemon died, or timeout)."""
         served = self.sandbox.requests[("pending", 200)] + polls
@@ -236,7 +236,7 @@ class World:
                 if any(not d.alive() and not d.ended_by_test for d in self.daemons):
                     return False
                 last = self.sandbox.last_patch_at or 0.0
-                if (self.settled() and time.time() - last >= quiet_for and self.sandbox.requests[("pending", 200)] >= served
+                if (self.settled(require_success=require_success) and time.time() - last >= quiet_for and self.sandbox.requests[("pending", 200)] >= served
                         and (also is None or also())):
                     return True
                 await trio.sleep(0.1)
