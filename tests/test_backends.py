@@ -881,16 +881,17 @@ async def test_daemon_hybrid_unpullable_model_uses_the_fallback_only_when_config
     respx.post(f"{OLLAMA}/api/embed").mock(return_value=httpx.Response(404, json={"error": 'model "nomic-embed-text" not found'}))
     oai = respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=openai_ok)
     ids = sandbox.state.seed(6, model="nomic-embed-text")
-    env = dict(PROCESSING_MODE="hybrid", OLLAMA_BASE_URL=OLLAMA, SUPPORTED_MODELS="nomic-embed-text", OPENAI_API_KEY=KEY, OPENAI_BASE_URL=OPENAI)
-    # without FALLBACK_MODELS: the start goes on (hybrid), the model is named as unavailable, and
-    # (until the policy table lands) its tasks fail with the reason
+    env = dict(PROCESSING_MODE="hybrid", OLLAMA_BASE_URL=OLLAMA, SUPPORTED_MODELS="nomic-embed-text",
+               OPENAI_API_KEY="sk-test-0000000000000000", OPENAI_BASE_URL=OPENAI)
+    # without FALLBACK_MODELS: the start goes on (hybrid) and the model's tasks stay pending
+    # (CONTRACT §1: a model this deployment cannot serve is never a reason to fail a task),
+    # the model named in /health
     daemon = Daemon(make_settings(sandbox, tmp_path / "a", **env), handle_signals=False)
     async with running(daemon):
-        await wait_until(all_done(sandbox.state, 6))
-        assert "file does not exist" in daemon.rt.backends[next(b for b in daemon.rt.backends if b.value == "ollama")].unavailable["nomic-embed-text"]
-    assert sandbox.state.by_state() == {"failed": 6} and not oai.called
-    reasons = {p.body.get("reason") for p in sandbox.state.patches if p.state == "failed"}
-    assert all("unavailable on Ollama" in r and "file does not exist" in r for r in reasons)
+        await wait_until(lambda: "nomic-embed-text" in daemon.health()["models_unservable"]
+                         and sandbox.state.by_state() == {"pending": 6})
+        assert "file does not exist" in daemon.health()["models_unservable"]["nomic-embed-text"]
+    assert not oai.called and not [p for p in sandbox.state.patches if p.state == "failed"]
     # with it: the same tasks go to the named OpenAI model, logged and counted each time
     for i in ids:
         sandbox.state.tasks[i]["state"] = "pending"

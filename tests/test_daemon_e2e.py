@@ -33,18 +33,23 @@ async def test_malformed_entries_fail_with_reasons_and_never_stop_the_others(san
     daemon = Daemon(make_settings(sandbox, tmp_path, PROCESSING_MODE="ollama", SUPPORTED_MODELS="nomic-embed-text"),
                     backends={Backend.OLLAMA: CountingBackend(768)}, handle_signals=False)
     async with running(daemon):
-        await wait_until(all_done(sandbox.state, 55))
+        await wait_until(all_done(sandbox.state, 54))
         await trio.sleep(0.5)  # a few more polls: nothing else may change
+        unservable = daemon.health()["models_unservable"]
     st = sandbox.state
     for i in good:
         assert st.tasks[i]["state"] == "succeeded" and len(st.tasks[i]["result"]) == 768
     reasons = {p.task_id: p.body.get("reason") for p in st.patches if p.state == "failed"}
     assert all(p.body.get("error") == p.body.get("reason") for p in st.patches if p.state == "failed")
-    for kind in ("null_content", "number_content", "empty_text", "too_long", "unknown_model"):
+    for kind in ("null_content", "number_content", "empty_text", "too_long"):
         assert st.tasks[bad[kind]]["state"] == "failed", kind
         assert st.tasks[bad[kind]]["result"] is None  # `result: null` and a reason
         assert reasons[bad[kind]], kind
-    assert "not served" in reasons[bad["unknown_model"]]
+    # a model this deployment does not serve is not the task's defect (CONTRACT §1): it stays
+    # pending, unpatched, counted, and named in /health
+    assert st.tasks[bad["unknown_model"]]["state"] == "pending"
+    assert st.patch_counts[bad["unknown_model"]] == 0
+    assert any("not served" in why for why in unservable.values())
     assert "10000" in reasons[bad["too_long"]]
     # an unknown type stays pending for a worker that handles it; nobody PATCHed it
     assert st.tasks[bad["unknown_type"]]["state"] == "pending"
@@ -76,7 +81,7 @@ async def test_intake_is_bounded_whatever_the_backlog(sandbox, tmp_path):
     async with running(daemon):
         with trio.fail_after(60):
             while not all_done(sandbox.state, 600)():
-                peak = max(peak, len(daemon.rt.held))
+                peak = max(peak, len(daemon.rt.book))
                 in_progress = sandbox.state.by_state().get("in_progress", 0)
                 assert in_progress <= 32
                 await trio.sleep(0.01)

@@ -38,9 +38,13 @@ from processor.effects.limiter import Limiter, build_limiter
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
 from processor.effects.store import JournalStore
+from processor.kinds import registry
+from processor.kinds.base import Work
+from processor.pure import lifecycle
 from processor.pure.breaker import BreakerConfig
-from processor.pure.tasks import Backend, Routing, Task
-from processor.runtime import RELEASE_TIMEOUT, Outcome, Runtime
+from processor.pure.lifecycle import Phase
+from processor.pure.tasks import Backend, Routing
+from processor.runtime import RELEASE_TIMEOUT, Runtime
 from processor.stages import claim, embed, intake, recovery, report
 
 
@@ -175,11 +179,13 @@ class Daemon:
             "rate_limits": _tiers(rt.limiter),
             "openai_rate_limits": _tiers(rt.openai_limiter),
             "state_store": {"writable": limiter_ok and rt.journal.db.writable, "error": limiter_err or rt.journal.db.last_error},
-            "in_flight": len(rt.held),
+            "in_flight": len(rt.book),
             "outbox_size": rt.outbox_size,
             "quota_exhausted": {b.value: m for b, m in rt.quota_exhausted.items()},
             # models a backend cannot serve right now, and why (adapters that know it)
             "unavailable_models": {b.value: dict(u) for b, a in rt.backends.items() if (u := getattr(a, "unavailable", None))},
+            "backends_unusable": {b.value: m for b, m in rt.backend_down.items()},
+            "models_unservable": dict(rt.unservable),
         }
 
     def _guards(self) -> list[Guard]:
@@ -286,10 +292,14 @@ class Daemon:
             except Exception as exc:
                 raise StartupError(str(exc)) from None
             leases = self._leases or NoLeases()
+            try:
+                kinds = registry.load(s, getattr(s, "task_types", None) or None)
+            except registry.RegistryError as exc:
+                raise StartupError(str(exc)) from None
             rt = Runtime(
                 s, metrics=self.metrics, api=api, tokens=tokens, backends=backends, backend_guards=guards,
                 limiter=limiter, openai_limiter=openai_limiter, journal=journal, leases=leases,
-                routing=routing_for(s), rng=self._rng, wall=self._clock,
+                routing=routing_for(s), kinds=kinds, rng=self._rng, wall=self._clock,
             )
             self.rt = rt
             self.metrics.watch(rt)  # scrape-time gauges, bounded model label, series at zero
@@ -318,17 +328,17 @@ class Daemon:
             self.shutting_down = True
             rt.stopping.set()
             self.metrics.ready.set(0)
-            self.log.info("shutdown_started", grace_seconds=self._grace, in_flight=len(rt.held))
+            self.log.info("shutdown_started", grace_seconds=self._grace, in_flight=len(rt.book))
             with trio.move_on_after(self._grace):
                 await pipeline_done.wait()
             if not pipeline_done.is_set():
-                self.log.warning("shutdown_grace_expired", unfinished=len(rt.held))
+                self.log.warning("shutdown_grace_expired", unfinished=len(rt.book))
                 work.cancel()
 
-        intake_send, intake_recv = trio.open_memory_channel[Task](s.intake_capacity)
-        claimed_send, claimed_recv = trio.open_memory_channel[Task](s.max_batch_size)
+        intake_send, intake_recv = trio.open_memory_channel[Work](s.intake_capacity)
+        claimed_send, claimed_recv = trio.open_memory_channel[Work](s.max_batch_size)
         batch_send, batch_recv = trio.open_memory_channel[Any](s.concurrency_limit)
-        result_send, result_recv = trio.open_memory_channel[list[Outcome]](s.concurrency_limit * 2)
+        result_send, result_recv = trio.open_memory_channel[list[str]](s.concurrency_limit * 2)
 
         async with trio.open_nursery() as outer:
             outer.start_soon(controller)
@@ -355,14 +365,17 @@ class Daemon:
                     # ends when its input channel is closed and drained.
             pipeline_done.set()
             outer.cancel_scope.cancel()
-        # Whatever did not finish: release claims without a result (shielded, bounded).
-        leftover = [tid for tid, h in rt.held.items() if not h.computed]
+        # Whatever did not finish: release claims without a result (shielded, bounded). A
+        # release that does not get through keeps its journal row for the next start.
+        book = rt.book
+        released = 0
         with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
+            await book.drop(book.in_phase(Phase.SEEN, Phase.RESERVED))
+            leftover = [i for i, r in book.records.items() if lifecycle.may_release(r) or r.phase is Phase.RELEASING]
             if leftover:
-                await rt.release(leftover, reason="shutdown")
-        not_released = sum(1 for tid in leftover if tid in rt.held)
-        kept = sum(1 for h in rt.held.values() if h.computed)
-        self.log.info("shutdown_complete", released=len(leftover) - not_released, release_failed=not_released, outbox_kept=kept)
+                released = await book.release([i for i in leftover if lifecycle.may_release(book.records[i])], "shutdown")
+        kept = len(book.in_phase(Phase.COMPUTED))
+        self.log.info("shutdown_complete", released=released, release_failed=len(book) - kept, outbox_kept=kept)
 
     async def _reclaim_loop(self, rt: Runtime) -> None:
         s = self.s

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+import orjson
 import trio
 
 T = TypeVar("T")
@@ -127,7 +128,17 @@ JOURNAL_MIGRATIONS = [
     CREATE TABLE outbox (task_id TEXT PRIMARY KEY, state TEXT NOT NULL, vector BLOB,
                          reason TEXT, computed_at REAL NOT NULL, created_at REAL)
     """,
+    # 2: task kinds (type, kind parameters, JSON results), "reached a backend" (rows written
+    # before this version may have: they count as dispatched), persisted attempt counts.
+    """
+    ALTER TABLE journal ADD COLUMN dispatched INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE journal ADD COLUMN type TEXT NOT NULL DEFAULT 'text_embedding';
+    ALTER TABLE journal ADD COLUMN params BLOB;
+    ALTER TABLE outbox ADD COLUMN result_json BLOB;
+    CREATE TABLE attempts (task_id TEXT PRIMARY KEY, count INTEGER NOT NULL, updated_at REAL NOT NULL)
+    """,
 ]
+ATTEMPTS_TTL = 30 * 86400.0  # attempt counts of tasks not seen for this long are forgotten
 
 
 @attrs.frozen
@@ -140,16 +151,26 @@ class ClaimRow:
     claimed_at: float
     reserved_at: float | None
     attempts: int = 0
+    dispatched: bool = False
+    type: str = "text_embedding"
 
 
 @attrs.frozen
 class OutboxRow:
     task_id: str
     state: str  # "succeeded" | "failed"
-    vector: list[float] | None
+    result: Any  # a vector (list of floats) or any JSON value
     reason: str | None
     computed_at: float
     created_at: float | None = None
+
+    @property
+    def vector(self) -> list[float] | None:
+        return self.result if isinstance(self.result, list) else None
+
+
+def _is_vector(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(type(x) is float for x in v)
 
 
 def pack_vector(v: list[float] | None) -> bytes | None:
@@ -171,16 +192,53 @@ class JournalStore:
         self.db = SqliteDb(path, JOURNAL_MIGRATIONS)
 
     async def add_claims(self, rows: Sequence[ClaimRow]) -> None:
-        data = [attrs.astuple(r) for r in rows]
-        await self.db.run(lambda c: c.executemany("INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?)", data))
+        data = [(r.task_id, r.text, r.model, r.backend, r.created_at, r.claimed_at, r.reserved_at, r.attempts,
+                 int(r.dispatched), r.type) for r in rows]
+        await self.db.run(lambda c: c.executemany(
+            "INSERT OR REPLACE INTO journal (task_id, text, model, backend, created_at, claimed_at, reserved_at, attempts,"
+            " dispatched, type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", data))
+
+    async def mark_dispatched(self, task_ids: Sequence[str]) -> None:
+        ids = [(i,) for i in task_ids]
+        await self.db.run(lambda c: c.executemany("UPDATE journal SET dispatched = 1 WHERE task_id = ?", ids))
+
+    async def count_attempts(self, task_ids: Sequence[str], now: float) -> None:
+        """One more failed attempt for each task (kept across releases and restarts)."""
+        ids = [(i, now) for i in task_ids]
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.executemany("INSERT INTO attempts VALUES (?, 1, ?) ON CONFLICT(task_id) DO UPDATE SET count = count + 1,"
+                          " updated_at = excluded.updated_at", ids)
+            c.execute("DELETE FROM attempts WHERE updated_at < ?", (now - ATTEMPTS_TTL,))
+
+        await self.db.run(fn)
+
+    async def clear_attempts(self, task_ids: Sequence[str]) -> None:
+        ids = [(i,) for i in task_ids]
+        await self.db.run(lambda c: c.executemany("DELETE FROM attempts WHERE task_id = ?", ids))
+
+    def attempts(self, task_ids: Sequence[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i in range(0, len(task_ids), 500):
+            chunk = list(task_ids[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            for tid, n in self.db.query(f"SELECT task_id, count FROM attempts WHERE task_id IN ({marks})", chunk):
+                out[tid] = int(n)
+        return out
 
     async def remove_claims(self, task_ids: Sequence[str]) -> None:
         ids = [(i,) for i in task_ids]
         await self.db.run(lambda c: c.executemany("DELETE FROM journal WHERE task_id = ? AND task_id NOT IN (SELECT task_id FROM outbox)", ids))
 
     async def put_results(self, rows: Sequence[OutboxRow]) -> None:
-        data = [(r.task_id, r.state, pack_vector(r.vector), r.reason, r.computed_at, r.created_at) for r in rows]
-        await self.db.run(lambda c: c.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?)", data))
+        data = [
+            (r.task_id, r.state, pack_vector(r.result) if _is_vector(r.result) else None, r.reason, r.computed_at,
+             r.created_at, None if r.result is None or _is_vector(r.result) else orjson.dumps(r.result))
+            for r in rows
+        ]
+        await self.db.run(lambda c: c.executemany(
+            "INSERT OR REPLACE INTO outbox (task_id, state, vector, reason, computed_at, created_at, result_json)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)", data))
 
     async def finish(self, task_ids: Sequence[str]) -> None:
         """The API took these reports: drop their outbox and journal rows together."""
@@ -193,16 +251,22 @@ class JournalStore:
         await self.db.run(fn)
 
     def outbox(self) -> list[OutboxRow]:
-        return [
-            OutboxRow(t, s, unpack_vector(v), r, ca, cr)
-            for t, s, v, r, ca, cr in self.db.query("SELECT task_id, state, vector, reason, computed_at, created_at FROM outbox ORDER BY computed_at")
-        ]
+        rows = self.db.query(
+            "SELECT task_id, state, vector, reason, computed_at, created_at, result_json FROM outbox ORDER BY computed_at")
+        out = []
+        for t, s, v, r, ca, cr, rj in rows:
+            try:
+                result = unpack_vector(v) if v is not None else (orjson.loads(rj) if rj is not None else None)
+            except (orjson.JSONDecodeError, ValueError):
+                result = None
+            out.append(OutboxRow(t, s, result, r, ca, cr))
+        return out
 
     def orphan_claims(self) -> list[ClaimRow]:
         """Journal rows with no outbox row: claimed, result never computed."""
         rows = self.db.query(
-            "SELECT task_id, text, model, backend, created_at, claimed_at, reserved_at, attempts FROM journal "
+            "SELECT task_id, text, model, backend, created_at, claimed_at, reserved_at, attempts, dispatched, type FROM journal "
             "WHERE task_id NOT IN (SELECT task_id FROM outbox) ORDER BY claimed_at"
         )
-        return [ClaimRow(*r) for r in rows]
+        return [ClaimRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9]) for r in rows]
 

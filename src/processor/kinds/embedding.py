@@ -94,10 +94,15 @@ class EmbeddingKind:
         w = works[0]
         adapter = ports.embedding[w.backend]
         texts = self.texts(works, ports)
-        if timeout is not None:
-            result = await adapter.embed(w.model, texts, timeout=timeout)
-        else:
-            result = await adapter.embed(w.model, texts)
+        try:
+            if timeout is not None:
+                result = await adapter.embed(w.model, texts, timeout=timeout)
+            else:
+                result = await adapter.embed(w.model, texts)
+        except DependencyError:
+            raise
+        except Exception as exc:  # an adapter that still speaks the older vocabulary
+            raise _as_dependency_error(exc) from None
         return check(adapter, w, works, result.vectors)
 
 
@@ -127,6 +132,23 @@ def check(adapter: object, first: Work, works: Sequence[Work], raw: Sequence[obj
         else:
             out.append(DependencyError(f"{work.backend.value}/{work.model}: {verdict.reason}", Fault.MALFORMED))
     return out
+
+
+_OLD_KINDS = {"input": Fault.INPUT, "model": Fault.MODEL_MISSING, "timeout": Fault.TIMEOUT,
+              "rate_limited": Fault.RATE_LIMITED, "transient": Fault.SERVER, "backend_down": Fault.AUTH}
+
+
+def _as_dependency_error(exc: Exception) -> DependencyError:
+    kind = getattr(getattr(exc, "kind", None), "value", None)
+    fault = _OLD_KINDS.get(kind, Fault.MALFORMED) if isinstance(kind, str) else Fault.MALFORMED
+    if getattr(exc, "quota", False):
+        fault = Fault.QUOTA
+    elif getattr(exc, "unreachable", False):
+        fault = Fault.UNREACHABLE
+    elif fault is Fault.SERVER and getattr(exc, "status", None) == 503:
+        fault = Fault.BUSY
+    return DependencyError(str(exc) or type(exc).__name__, fault, status=getattr(exc, "status", None),
+                           retry_after=getattr(exc, "retry_after", None))
 
 
 def make(settings: object) -> EmbeddingKind:

@@ -106,6 +106,7 @@ TRANSITIONS: Mapping[tuple[Phase, Event], tuple[Phase, tuple[Effect, ...]]] = {
     (Phase.CLAIMING, Event.RELEASE): (Phase.RELEASING, (E.REFUND, E.PATCH_PENDING)),
     (Phase.CLAIMED, Event.DISPATCH): (Phase.DISPATCHED, (E.MARK_DISPATCHED,)),
     (Phase.DISPATCHED, Event.DISPATCH): (Phase.DISPATCHED, ()),
+    (Phase.SEEN, Event.COMPUTED): (Phase.COMPUTED, (E.WRITE_OUTBOX, E.PATCH_FINAL)),  # a defect found at intake
     (Phase.CLAIMED, Event.COMPUTED): (Phase.COMPUTED, (E.WRITE_OUTBOX, E.PATCH_FINAL)),
     (Phase.DISPATCHED, Event.COMPUTED): (Phase.COMPUTED, (E.WRITE_OUTBOX, E.PATCH_FINAL)),
     (Phase.CLAIMED, Event.RELEASE): (Phase.RELEASING, (E.REFUND, E.PATCH_PENDING)),

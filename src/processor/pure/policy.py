@@ -59,7 +59,7 @@ _BACKEND: dict[F, Rule] = {
     F.BUSY: Rule(A.RETRY, then=A.RELEASE, breaker=_IGN),
     F.SERVER: Rule(A.SPLIT, then=A.RETRY_LATER, counts_attempt=True),
     F.TIMEOUT: Rule(A.SPLIT, then=A.RETRY_LATER, counts_attempt=True),
-    F.UNREACHABLE: Rule(A.RETRY, then=A.RELEASE),
+    F.UNREACHABLE: Rule(A.RETRY, then=A.BACKEND_UNUSABLE),  # down after retries: breaker open, not ready
     F.MALFORMED: Rule(A.RETRY, then=A.RETRY_LATER, counts_attempt=True),
 }
 

@@ -1,5 +1,6 @@
 """Poll the pending list as a stream and parse each entry (pure), taking tasks only while
-there is room. Rejections with an id go straight to the reporter as `failed`."""
+there is room. A task whose content is defective goes straight to the reporter as
+`failed`; a type this worker does not run, or a model it cannot serve, stays pending."""
 
 from __future__ import annotations
 
@@ -7,32 +8,39 @@ import orjson
 import trio
 
 from processor.effects.api import ApiError
+from processor.kinds.base import Defect, Work
 from processor.pure import pacing
-from processor.pure.tasks import Backend, Rejected, Skipped, Task, parse_entry
-from processor.runtime import Outcome, Runtime
+from processor.pure.lifecycle import Outcome
+from processor.pure.tasks import Rejected, RejectReason, Skipped, Task, parse_entry
+from processor.runtime import Runtime
 
 LOG_ONCE_MAX = 10_000
 
 
-async def poller(rt: Runtime, intake: trio.MemorySendChannel[Task], rejects: trio.MemorySendChannel[list[Outcome]]) -> None:
+def _idle_until(rt: Runtime) -> float | None:
+    """Trio time until which polling would be pointless (API breaker open, every backend
+    refusing), or None."""
+    blocked = [rt.api.guard.blocked_until()]
+    guards = list(rt.backend_guards.values())
+    if guards and all(g.blocked_until() for g in guards):
+        blocked.append(min(g.blocked_until() or 0.0 for g in guards))
+    return max((b for b in blocked if b), default=None)
+
+
+async def poller(rt: Runtime, intake: trio.MemorySendChannel[Work], rejects: trio.MemorySendChannel[list[str]]) -> None:
     log = rt.log.bind(component="intake")
     logged_once: set[object] = set()
     failures = 0
     async with intake, rejects:
         while not rt.stopping.is_set():
-            await rt.wait_for_room()
+            await rt.book.wait_for_room(rt.stopping)
             if trio.current_time() < rt.admission_paused_until:
                 with trio.move_on_at(rt.admission_paused_until):
                     await rt.stopping.wait()
                 continue
             if rt.stopping.is_set():
                 break
-            # API breaker open: no polling until it half-opens. Every backend down: tasks
-            # stay pending until one of them may take a probe.
-            blocked = [rt.api.guard.blocked_until()]
-            if rt.backend_guards and all(g.blocked_until() for g in rt.backend_guards.values()):
-                blocked.append(min(g.blocked_until() or 0.0 for g in rt.backend_guards.values()))
-            until = max((b for b in blocked if b), default=None)
+            until = _idle_until(rt)
             if until is not None:
                 with trio.move_on_at(until):
                     await rt.stopping.wait()
@@ -50,7 +58,7 @@ async def poller(rt: Runtime, intake: trio.MemorySendChannel[Task], rejects: tri
             rt.metrics.last_poll_success.set(rt.wall())
             outcome = pacing.PollOutcome.NEW_WORK if new else pacing.PollOutcome.NOTHING_NEW
             if new:
-                log.info("poll", new=new, read=seen, held=len(rt.held))
+                log.info("poll", new=new, read=seen, held=len(rt.book))
             else:
                 log.debug("poll", new=0, read=seen)
             delay = pacing.poll_delay(outcome, rt.s.polling_interval_seconds, rt.rng.random())
@@ -59,30 +67,47 @@ async def poller(rt: Runtime, intake: trio.MemorySendChannel[Task], rejects: tri
                     await rt.stopping.wait()
 
 
+def _work(rt: Runtime, raw: object, task: Task) -> Work | Defect:
+    """The embedding envelope parsed by `parse_entry`; other kinds parse their own content."""
+    return Work(task.id, "text_embedding", task.text, task.model, task.backend, created_at=task.created_at)
+
+
 async def poll_once(
     rt: Runtime,
-    intake: trio.MemorySendChannel[Task],
-    rejects: trio.MemorySendChannel[list[Outcome]],
+    intake: trio.MemorySendChannel[Work],
+    rejects: trio.MemorySendChannel[list[str]],
     logged_once: set[object],
 ) -> tuple[int, int]:
     """One streamed read of the pending list. Returns (tasks taken, entries read)."""
     log = rt.log.bind(component="intake")
     new = seen = 0
-    room = rt.room_left()
+    room = rt.book.room_left()
     async with rt.api.pending() as entries:
         async for raw in entries:
             seen += 1
             parsed = parse_entry(raw, rt.routing)
             if isinstance(parsed, Task):
-                if rt.is_known(parsed.id):
+                if rt.book.known(parsed.id):
                     continue
                 if room <= 0 or rt.stopping.is_set():
                     break  # stop reading: memory stays bounded whatever the list's size
-                rt.hold(parsed)
-                intake.send_nowait(parsed)
-                room -= 1
-                new += 1
-            elif isinstance(parsed, Rejected):
+                work = _work(rt, raw, parsed)
+                if isinstance(work, Defect):
+                    parsed = Rejected(parsed.id, RejectReason.INVALID_CONTENT, work.detail)
+                elif (why := rt.model_unusable(work.model)) is not None:
+                    _unservable(rt, work.id, work.model, why, logged_once, log)
+                    continue
+                else:
+                    rt.book.take(work)
+                    intake.send_nowait(work)
+                    room -= 1
+                    new += 1
+                    continue
+            if isinstance(parsed, Rejected):
+                if parsed.reason is RejectReason.UNSUPPORTED_MODEL and parsed.id is not None:
+                    # a model this deployment does not serve: another worker or a setting can
+                    _unservable(rt, parsed.id, _model_of(raw), parsed.detail, logged_once, log)
+                    continue
                 if parsed.id is None:
                     # cannot be reported: log and count once per distinct entry
                     fingerprint = hash(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS, default=str))
@@ -91,12 +116,13 @@ async def poll_once(
                         rt.metrics.rejected.labels(parsed.reason.value).inc()
                         log.warning("entry_rejected", reason=parsed.reason.value, detail=parsed.detail)
                     continue
-                if rt.is_known(parsed.id):
+                if rt.book.known(parsed.id):
                     continue
                 rt.metrics.rejected.labels(parsed.reason.value).inc()
                 log.warning("task_rejected", task_id=parsed.id, reason=parsed.reason.value, detail=parsed.detail)
-                rt.hold(Task(parsed.id, "", "", Backend.MOCK))  # held only so a re-poll skips it
-                await rejects.send([Outcome(parsed.id, "failed", None, parsed.detail)])
+                rt.book.take_id(parsed.id)
+                await rt.deliver({parsed.id: Outcome.failure(parsed.detail)})
+                await rejects.send([parsed.id])
             elif isinstance(parsed, Skipped):
                 if parsed.id not in logged_once and len(logged_once) < LOG_ONCE_MAX:
                     logged_once.add(parsed.id or "")
@@ -106,3 +132,21 @@ async def poll_once(
     if new:
         rt.metrics.stage_tasks.labels("taken").inc(new)
     return new, seen
+
+
+def _model_of(raw: object) -> str:
+    content = raw.get("content") if isinstance(raw, dict) else None
+    model = content.get("model") if isinstance(content, dict) else None
+    return model[:100] if isinstance(model, str) else "?"
+
+
+def _unservable(rt: Runtime, task_id: str, model: str, why: str, logged_once: set[object], log: object) -> None:
+    """Left pending, counted per model (bounded), named in /health."""
+    key = ("unservable", task_id)
+    if key in logged_once or len(logged_once) >= LOG_ONCE_MAX:
+        return
+    logged_once.add(key)
+    label = model if len(rt.unservable) < 50 or model in rt.unservable else "other"
+    rt.unservable[label] = why[:300]
+    rt.metrics.skipped.labels("unservable_model").inc()
+    log.info("task_left_pending", task_id=task_id, model=model, why=why)  # type: ignore[attr-defined]

@@ -2,8 +2,10 @@
 
 On start, before new work: outbox rows are delivered first (their results are paid for and
 may already be applied: they are never released); then journal rows without an outbox row
-are released (PATCH pending) and their units refunded. Then, periodically, tasks left
-`in_progress` by a worker that died without its state are handed back to `pending`.
+are released (PATCH pending). Their units go back only when the row says the task never
+reached a backend. A row that cannot be processed is quarantined (logged, counted, removed),
+never a reason to crash again at every start. Then, periodically, tasks left `in_progress`
+by a worker that died without its state are handed back to `pending`.
 """
 
 from __future__ import annotations
@@ -11,32 +13,73 @@ from __future__ import annotations
 import trio
 
 from processor.effects.api import ApiError
-from processor.pure.tasks import OBJECT_ID, Backend, Task, parse_created_at
-from processor.runtime import Held, Outcome, Runtime
+from processor.effects.store import ClaimRow, OutboxRow
+from processor.pure.lifecycle import Event, Outcome
+from processor.pure.tasks import OBJECT_ID, parse_created_at
+from processor.runtime import Runtime
 from processor.stages.report import report_batch
+
+
+def _valid_id(task_id: object) -> bool:
+    return isinstance(task_id, str) and OBJECT_ID.fullmatch(task_id) is not None
+
+
+async def _quarantine(rt: Runtime, task_id: str, why: str) -> None:
+    rt.log.error("state_row_quarantined", component="recovery", task_id=repr(task_id)[:60], why=why)
+    rt.metrics.rejected.labels("quarantined_state_row").inc()
+    try:
+        await rt.journal.finish([task_id])
+    except Exception as exc:
+        rt.log.warning("quarantine_failed", component="recovery", error=str(exc))
+
+
+def _outcome(row: OutboxRow) -> Outcome:
+    if row.state == "succeeded":
+        return Outcome.success(row.result)
+    return Outcome.failure(row.reason or "failed")
 
 
 async def recover(rt: Runtime) -> None:
     log = rt.log.bind(component="recovery")
-    outbox = rt.journal.outbox()
+    try:
+        outbox = rt.journal.outbox()
+        orphans = rt.journal.orphan_claims()
+    except Exception as exc:
+        log.error("state_unreadable", error=str(exc))
+        return
     if outbox:
         log.info("outbox_redelivery", count=len(outbox))
-        outcomes = []
+        ids = []
         for row in outbox:
-            rt.held[row.task_id] = Held(Task(row.task_id, "", "", Backend.MOCK, row.created_at), claimed=True, computed=True)
-            rt.outbox_oldest[row.task_id] = row.computed_at
-            outcomes.append(Outcome(row.task_id, row.state, row.vector, row.reason, row.created_at))
-        for i in range(0, len(outcomes), 256):
-            await report_batch(rt, outcomes[i : i + 256])
-    orphans = rt.journal.orphan_claims()
+            if not _valid_id(row.task_id) or row.state not in ("succeeded", "failed"):
+                await _quarantine(rt, row.task_id, "invalid id or state in the outbox")
+                continue
+            rt.book.take_id(row.task_id)
+            rt.book.fire([row.task_id], Event.RECOVERED_RESULT, outcome=_outcome(row))
+            rt.book.computed_at[row.task_id] = row.computed_at
+            ids.append(row.task_id)
+        for i in range(0, len(ids), 256):
+            await report_batch(rt, ids[i : i + 256])
     if orphans:
         log.info("journal_release", count=len(orphans))
+        ids = []
         for claim in orphans:
-            h = Held(Task(claim.task_id, claim.text, claim.model, Backend(claim.backend), claim.created_at), claimed=True)
-            h.reservation = None if claim.reserved_at is None else rt.limiter.reservation_at(claim.reserved_at)
-            rt.held[claim.task_id] = h
-        await rt.release([r.task_id for r in orphans], reason="recovered_at_start")
-    rt.metrics.in_flight.set(len(rt.held))
+            if not _valid_id(claim.task_id):
+                await _quarantine(rt, claim.task_id, "invalid id in the journal")
+                continue
+            rt.book.take_id(claim.task_id)
+            _recovered(rt, claim)
+            ids.append(claim.task_id)
+        await rt.book.release(ids, "recovered_at_start")
+    rt.metrics.in_flight.set(len(rt.book))
+
+
+def _recovered(rt: Runtime, claim: ClaimRow) -> None:
+    if claim.dispatched or claim.reserved_at is None:
+        rt.book.fire([claim.task_id], Event.RECOVERED_DISPATCHED)  # may have reached a backend: units stay spent
+    else:
+        reservation = rt.limiter.reservation_at(claim.reserved_at)
+        rt.book.fire([claim.task_id], Event.RECOVERED_CLAIM, charges=(("global", reservation),))
 
 
 async def reclaimer(rt: Runtime, *, interval: float, older_than: float) -> None:
@@ -55,21 +98,20 @@ async def reclaim_once(rt: Runtime, *, older_than: float) -> int:
     log = rt.log.bind(component="recovery")
     now = rt.wall()
     candidates: list[str] = []
-    known = set(rt.held)
     async with rt.api.by_state("in_progress") as entries:
         async for raw in entries:
             if not isinstance(raw, dict):
                 continue
             tid = raw.get("_id")
-            if not isinstance(tid, str) or not OBJECT_ID.match(tid) or tid in known:
+            if not _valid_id(tid) or rt.book.phase(tid) is not None:  # type: ignore[arg-type]
                 continue
             updated = parse_created_at(raw.get("updatedAt"))
             if updated is None or now - updated >= older_than:
-                candidates.append(tid)
+                candidates.append(tid)  # type: ignore[arg-type]
     if not candidates:
         return 0
     live = await rt.leases.live(candidates)
-    stale = [t for t in candidates if t not in live and t not in rt.held]
+    stale = [t for t in candidates if t not in live and rt.book.phase(t) is None]
     if not stale:
         return 0
     taken = await rt.leases.acquire(stale)

@@ -1,41 +1,58 @@
-"""Report each outcome with PATCH (succeeded + vector, or failed + reason), then drop its
-outbox and journal rows in one transaction per batch."""
+"""Report each outcome with PATCH (succeeded + result, or failed + reason); the book then
+drops its outbox and journal rows (lifecycle REPORT_OK)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import trio
 
-from processor.runtime import Outcome, Runtime
+from processor.runtime import Runtime
 
 
-async def reporter(rt: Runtime, results: trio.MemoryReceiveChannel[list[Outcome]]) -> None:
+async def reporter(rt: Runtime, results: trio.MemoryReceiveChannel[list[str]]) -> None:
     slots = trio.Semaphore(max(2, rt.s.concurrency_limit * 2))
     async with results, trio.open_nursery() as n:
-        async for outcomes in results:
+        async for ids in results:
             await slots.acquire()
-            n.start_soon(_report_batch, rt, outcomes, slots)
+            n.start_soon(_report_batch, rt, ids, slots)
 
 
-async def _report_batch(rt: Runtime, outcomes: list[Outcome], slots: trio.Semaphore) -> None:
+async def _report_batch(rt: Runtime, ids: list[str], slots: trio.Semaphore) -> None:
     try:
-        await report_batch(rt, outcomes)
+        await report_batch(rt, ids)
     finally:
         slots.release()
 
 
-async def report_batch(rt: Runtime, outcomes: list[Outcome]) -> None:
-    done: list[Outcome] = []
+async def report_batch(rt: Runtime, ids: Sequence[str]) -> None:
+    done: list[tuple[str, str, str | None]] = []
+    now = trio.current_time()
+    wall = rt.wall()
 
-    async def one(o: Outcome) -> None:
-        if await rt.report(o):
-            done.append(o)
+    async def one(task_id: str) -> None:
+        rec = rt.book.records.get(task_id)
+        if rec is None or rec.outcome is None:
+            return
+        work = rt.book.works.get(task_id)
+        claimed_at = rt.book.claimed_at.get(task_id)
+        if await rt.report(task_id):
+            final = rt.book.records.get(task_id)  # gone once reported
+            o = rec.outcome if final is None or final.outcome is None else final.outcome
+            if claimed_at is not None:
+                rt.metrics.task_duration.observe(now - claimed_at)
+            if work is not None and work.created_at is not None:
+                rt.metrics.e2e_latency.observe(max(0.0, wall - work.created_at))
+            kind = work.type if work is not None else "text_embedding"
+            rt.metrics.tasks_processed.labels(kind, o.state).inc()
+            done.append((task_id, o.state, o.reason))
 
     async with trio.open_nursery() as n:
-        for o in outcomes:
-            n.start_soon(one, o)
+        for i in ids:
+            n.start_soon(one, i)
     if done:
-        await rt.finish(done)
-        ok = sum(1 for o in done if o.state == "succeeded")
+        await rt.finished([d[0] for d in done])
+        ok = sum(1 for d in done if d[1] == "succeeded")
         rt.log.info("batch_reported", component="report", succeeded=ok, failed=len(done) - ok)
-        for o in done:
-            rt.log.debug("task_reported", component="report", task_id=o.task_id, state=o.state, reason=o.reason)
+        for tid, state, reason in done:
+            rt.log.debug("task_reported", component="report", task_id=tid, state=state, reason=reason)
