@@ -69,6 +69,8 @@ def api_retryable(exc: BaseException) -> bool | float:
     """`on` for the retry primitive: the policy's RETRY/PACE rows of the task API."""
     if not isinstance(exc, ApiError):
         return False
+    if not exc.sent:  # never left (no token yet, breaker open): wait, unless the request cannot be built
+        return api_fault(exc) is not Fault.INPUT
     r = policy.rule(Dependency.TASK_API, api_fault(exc))
     if r.action is Action.PACE:
         return exc.retry_after if exc.retry_after is not None else True
@@ -169,8 +171,9 @@ class Runtime:
                 await self._patch_final(task_id, o)
             except ApiError as exc:
                 fault = api_fault(exc)
-                if self.stopping.is_set() and fault not in (Fault.REFUSED, Fault.NOT_FOUND, Fault.INPUT):
-                    return False
+                refused = fault in (Fault.REFUSED, Fault.NOT_FOUND, Fault.INPUT) and (exc.sent or fault is Fault.INPUT)
+                if not refused:
+                    return False  # given up at shutdown: the outbox keeps the result
                 if fault is Fault.NOT_FOUND:
                     self.log.warning("report_task_gone", task_id=task_id, error=str(exc))
                     await self.book.move([task_id], Event.REPORT_OK)
@@ -196,7 +199,8 @@ class Runtime:
                     await self.api.patch(task_id, "failed", None, include_result=True, reason=o.reason)
 
     def _report_retryable(self, exc: BaseException) -> bool | float:
-        verdict = api_retryable(exc)
+        # a 403 on a report is a permission to fix, not a refused result: the outbox waits
+        verdict = True if isinstance(exc, ApiError) and exc.sent and api_fault(exc) is Fault.AUTH else api_retryable(exc)
         if verdict is False:
             return False
         if self.stopping.is_set() and isinstance(exc, ApiError) and not exc.sent:
