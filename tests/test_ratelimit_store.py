@@ -96,7 +96,7 @@ def test_a_store_from_a_newer_release_is_refused(tmp_path):
 def test_schema_is_versioned(tmp_path):
     p = tmp_path / "rl.db"
     RateLimitStore(str(p)).db.close()
-    assert sqlite3.connect(p).execute("PRAGMA user_version").fetchone()[0] == 1
+    assert sqlite3.connect(p).execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 
@@ -151,7 +151,7 @@ EDGE = datetime(2026, 5, 1, 12, 1, 0, tzinfo=ZoneInfo("UTC")).timestamp()  # a m
 def counters(path) -> dict[tuple[str, int], int]:
     con = sqlite3.connect(path)
     try:
-        return {(p, b): u for p, b, u in con.execute("SELECT period, bucket, units FROM counters")}
+        return {(p, b): u for p, b, u in con.execute("SELECT period, bucket, units FROM counters WHERE metric = 'tasks'")}
     finally:
         con.close()
 
@@ -202,6 +202,10 @@ async def test_a_store_written_by_a6a26dd_loads_with_its_counts(tmp_path):
                             metrics=None, clock=Clock(t + 20))
         assert [(u.period, u.used) for u in lim.usage()] == [(rl.Period.MINUTE, 10), (rl.Period.DAY, 10)]
         assert (await lim.admit(15)).admitted == 10
+        con = sqlite3.connect(p)
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 2  # migrated: a metric per counter
+        assert {m for (m,) in con.execute("SELECT metric FROM counters")} == {"tasks"}
+        con.close()
 
 
 def deny_writes(path) -> None:

@@ -231,7 +231,7 @@ async def test_the_redis_script_and_the_pure_core_agree(ops, strategy, zone, lim
                     assert got.retry_at == expected.retry_at
                     assert got.at == expected.at and got.reservations == expected.reservations
                     if got.admitted:
-                        reservations.append(list(got.reservations))
+                        reservations.append([r for r in got.reservations if r is not None])
                 elif reservations:
                     group = reservations[op[1] % len(reservations)]
                     back, group[:] = group[: op[2]], group[op[2] :]
@@ -239,6 +239,66 @@ async def test_the_redis_script_and_the_pure_core_agree(ops, strategy, zone, lim
                     await redis_limiter.refund(back)
                 t = rl.effective_now(pure, now)
                 assert rl.usage(redis_limiter.state, t) == rl.usage(pure, t)
+        finally:
+            await cleanup(REDIS, prefix)
+
+
+budget_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 3000), st.sampled_from(["a", "b", "x", None])), max_size=4)),
+        st.tuples(st.just("advance"), st.sampled_from([0.3, 30, 61, 3601, 86401])),
+        st.tuples(st.just("back"), st.sampled_from([1, 61, 3601])),
+        st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 4000), st.integers(0, 4000)),
+        st.tuples(st.just("refund"), st.integers(0, 50)),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ops=budget_ops,
+    strategy=st.sampled_from(list(rl.Strategy)),
+    tasks=st.fixed_dictionaries({}, optional={rl.Period.MINUTE: st.integers(1, 6)}),
+    tokens=st.fixed_dictionaries({}, optional={p: st.integers(1, 8000) for p in (rl.Period.MINUTE, rl.Period.DAY)}),
+    spend=st.fixed_dictionaries({}, optional={p: st.integers(1, 60_000) for p in (rl.Period.DAY, rl.Period.MONTH)}),
+)
+async def test_the_redis_script_and_the_pure_core_agree_on_budgets(ops, strategy, tasks, tokens, spend):
+    from processor.pure.budget import ModelPrice
+
+    prices = {"a": ModelPrice(2_000_000, 8_000_000), "b": ModelPrice(20_000)}
+    if not (tasks or tokens or spend):
+        tasks = {rl.Period.MINUTE: 6}  # with no tier at all the daemon uses no limiter
+    client = coredis.Redis.from_url(REDIS, decode_responses=True)
+    prefix = f"eqb-{uuid.uuid4().hex[:8]}"
+    async with client:
+        lim = RedisLimiter(RedisShared(client, prefix=prefix), tasks, strategy=strategy, tz_name="Europe/Berlin", metrics=None,
+                           tokens=tokens, spend=spend, prices=prices)
+        pure = rl.new_state(tasks, strategy=strategy, tz=ZoneInfo("Europe/Berlin"), tokens=tokens, spend=spend, prices=prices)
+        now = 1_790_000_000.25
+        held: list[rl.Reservation] = []
+        try:
+            for op in ops:
+                if op[0] == "advance":
+                    now += op[1]
+                elif op[0] == "back":
+                    now -= op[1]
+                elif op[0] == "admit":
+                    demands = [rl.Demand(*d) for d in op[1]]
+                    pure, expected = rl.admit(pure, now, demands)
+                    got = await lim.admit_at(demands, now)
+                    assert got == expected
+                    held += [r for r in got.reservations if r is not None]
+                elif held and op[0] == "settle":
+                    r = held.pop(op[1] % len(held))
+                    pure, _, want = rl.settle(pure, [r], op[2], op[3])
+                    assert await lim.settle([r], tokens_in=op[2], tokens_out=op[3]) == want
+                elif held:
+                    r = held.pop(op[1] % len(held))
+                    pure, _ = rl.refund(pure, [r])
+                    await lim.refund([r])
+                t = rl.effective_now(pure, now)
+                assert rl.usage(lim.state, t) == rl.usage(pure, t)
         finally:
             await cleanup(REDIS, prefix)
 

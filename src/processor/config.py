@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import attrs
 import cattrs
 
+from processor.pure.budget import DEFAULT_PRICES, ModelPrice, parse_money, parse_price
 from processor.pure.ratelimit import Strategy
 
 # The placeholder the original service treated as "no key, use mock embeddings".
@@ -130,6 +131,9 @@ class Settings:
     rate_limit_timezone: str = "UTC"
     rate_limits: Limits = Limits()
     openai_rate_limits: Limits = Limits()
+    token_limits: Limits = Limits()  # RATE_LIMIT_TOKENS_PER_*: input + output tokens
+    spend_limits: Limits = Limits()  # SPEND_LIMIT_PER_{DAY,MONTH}, in nano-units of the prices' currency
+    model_prices: dict[str, ModelPrice] = attrs.field(factory=lambda: dict(DEFAULT_PRICES))  # MODEL_PRICES
 
     # --- triage task types and chat models (issue 13) ------------------------------------
     task_types: tuple[str, ...] = ()  # TASK_TYPES; empty: every registered type
@@ -346,6 +350,30 @@ def _task_types(v: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _model_prices(v: str) -> dict[str, dict[str, int]]:
+    expected = ('a JSON object of prices per 1M tokens, e.g. {"o3": {"input": 2.0, "output": 8.0}, '
+                '"text-embedding-3-small": {"input": 0.02}}')
+    try:
+        data = json.loads(v)
+    except json.JSONDecodeError:
+        raise ValueError(expected) from None
+    if not isinstance(data, dict):
+        raise ValueError(expected)
+    out: dict[str, dict[str, int]] = {}
+    for model, price in data.items():
+        if isinstance(price, (int, float, str)) and not isinstance(price, bool):
+            price = {"input": price}
+        if not model or not isinstance(price, dict) or not set(price) <= {"input", "output"} or "input" not in price:
+            raise ValueError(expected)
+        try:
+            out[model] = {k: parse_price(x) for k, x in price.items() if not isinstance(x, bool)}
+        except ValueError:
+            raise ValueError(f"{expected}; prices are numbers >= 0") from None
+        if len(out[model]) != len(price):
+            raise ValueError(expected)
+    return out
+
+
 def _model_map(v: str) -> dict[str, str]:
     expected = "name=model pairs separated by commas (e.g. o3=qwen3:4b) or a JSON object"
     text = v.strip()
@@ -432,6 +460,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RATE_LIMIT_STRATEGY": ("rate_limit_strategy", _enum(Strategy)),
     "RATE_LIMIT_STORAGE_PATH": ("rate_limit_storage_path", _nonempty),
     "RATE_LIMIT_TIMEZONE": ("rate_limit_timezone", _timezone),
+    "MODEL_PRICES": ("model_prices", _model_prices),
     # triage task types and chat models (issue 13)
     "TASK_TYPES": ("task_types", _task_types),
     "MODEL_MAP": ("model_map", _model_map),
@@ -507,6 +536,19 @@ def load_settings(
             except ValueError as exc:
                 problems.append(Problem(prefix + period, raw, str(exc)))
         values[field] = limits
+
+    for prefix, field, periods, parse in (("RATE_LIMIT_TOKENS_PER_", "token_limits", _PERIODS, _int(0)),
+                                          ("SPEND_LIMIT_PER_", "spend_limits", ("DAY", "MONTH"), parse_money)):
+        budget: dict[str, int] = {}
+        for period in periods:
+            raw = env.get(prefix + period)
+            if raw is None or raw == "":
+                continue
+            try:
+                budget[period.lower()] = parse(raw)
+            except ValueError as exc:
+                problems.append(Problem(prefix + period, raw, str(exc)))
+        values[field] = budget
 
     if "api_base_url" not in values and not any(p.name == "API_BASE_URL" for p in problems):
         problems.append(Problem("API_BASE_URL", None, "the task API's base URL, e.g. https://api.example.com"))

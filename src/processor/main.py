@@ -172,8 +172,8 @@ def _limits(settings: Settings) -> int:
     if not settings.rate_limit_enabled:
         print("rate limiting is off (RATE_LIMIT_ENABLED=false)")
         return EXIT_OK
-    if not settings.rate_limits.enabled():
-        print("no rate-limit tier is set (RATE_LIMIT_PER_* are all 0)")
+    if not (settings.rate_limits.enabled() or settings.token_limits.enabled() or settings.spend_limits.enabled()):
+        print("no rate-limit tier is set (RATE_LIMIT_PER_*, RATE_LIMIT_TOKENS_PER_* and SPEND_LIMIT_PER_* are all 0)")
         return EXIT_OK
     if settings.state_backend.value == "redis":
         from processor.effects.redis_state import print_redis_limits

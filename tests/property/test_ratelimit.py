@@ -93,12 +93,12 @@ class LimiterMachine(RuleBasedStateMachine):
 
     def _persist(self, charges, high_water=None):
         for c in charges:
-            key = (c.period, c.bucket)
+            key = (c.metric, c.period, c.bucket)
             self.persisted[key] = self.persisted.get(key, 0) + c.units
             if self.persisted[key] <= 0:
                 del self.persisted[key]
-        if charges and high_water is not None:  # as the shell does: the mark goes with the charges
-            self.persisted_high_water = high_water
+        if high_water is not None:  # as the shell does: the mark is stored whenever it moves
+            self.persisted_high_water = high_water if self.persisted_high_water is None else max(self.persisted_high_water, high_water)
 
     def _effective(self, period):
         return [(u.reservation.at, 1) for u in self._live(period)]
@@ -125,14 +125,15 @@ class LimiterMachine(RuleBasedStateMachine):
         self.state, d = rl.admit(self.state, self.wall, n)
         assert d.at == e and self.state.high_water == e
         assert d.admitted == max(0, min(n, expected_room)), (d, expected_room)
-        assert len(d.reservations) == d.admitted
+        assert len(d.reservations) == n and d.admitted == sum(1 for r in d.reservations if r is not None)
+        assert d.admitted_indexes() == list(range(d.admitted))  # task counts only: a prefix
         if d.admitted < n and self.limits:
             # retry_at is exactly when one more unit fits (given no other admissions)
             assert d.retry_at is not None and d.retry_at > e
             assert rl.admit(self.state, d.retry_at, 1)[1].admitted == 1
             assert rl.admit(self.state, d.retry_at - 0.001, 1)[1].admitted == 0
-        for r in d.reservations:
-            assert r.at == e and r.units == 1
+        for r in d.reservations[: d.admitted]:
+            assert r is not None and r.at == e and r.units == 1
             assert {(c.period, c.bucket) for c in r.charges} == {
                 (p, rl.bucket_of(self.strategy, self.tz, p, e)) for p in self.limits
             }
@@ -146,12 +147,12 @@ class LimiterMachine(RuleBasedStateMachine):
         picked = data.draw(st.lists(st.sampled_from(open_), min_size=1, max_size=4, unique=True))
         for i in picked:
             self.units[i].returned = True
-        before = {t.period: dict(t.buckets) for t in self.state.tiers}
+        before = {(t.metric, t.period): dict(t.buckets) for t in self.state.tiers}
         self.state, charges = rl.refund(self.state, [self.units[i].reservation for i in picked])
         # exactly the charged buckets, at most what they still hold
         wanted = rl.merge(self.units[i].reservation for i in picked)
         for c in charges:
-            assert c.units < 0 and -c.units == min(before[c.period].get(c.bucket, 0), wanted[(c.period, c.bucket)])
+            assert c.units < 0 and -c.units == min(before[(c.metric, c.period)].get(c.bucket, 0), wanted[(c.metric, c.period, c.bucket)])
         # Units in the same bucket are interchangeable; per tier, the brute-force list gives
         # back the picked units whose bucket is still tracked (a pruned one counts nowhere).
         given = {(c.period, c.bucket): -c.units for c in charges}
@@ -166,7 +167,7 @@ class LimiterMachine(RuleBasedStateMachine):
 
     @rule()
     def restart(self):
-        rows = [(p, b, n) for (p, b), n in self.persisted.items()]
+        rows = [(m, p, b, n) for (m, p, b), n in self.persisted.items()]
         self.state = rl.with_counts(rl.new_state(self.limits, strategy=self.strategy, tz=self.tz), rows,
                                     high_water=self.persisted_high_water)
 
@@ -200,12 +201,12 @@ class LimiterMachine(RuleBasedStateMachine):
     def reload_equals_memory(self):
         if not hasattr(self, "state"):
             return
-        rows = [(p, b, n) for (p, b), n in self.persisted.items()]
+        rows = [(m, p, b, n) for (m, p, b), n in self.persisted.items()]
         loaded = rl.with_counts(rl.new_state(self.limits, strategy=self.strategy, tz=self.tz), rows,
                                 high_water=self.persisted_high_water)
-        # The loaded mark may trail memory (a mark without charges is not persisted), but it is
-        # never earlier than a charge: after a restart no admission is evaluated before one made.
-        assert loaded.high_water <= self.state.high_water
+        # The loaded mark is the one in memory: after a restart no admission is evaluated
+        # earlier than one already made.
+        assert loaded.high_water == self.state.high_water or not self.limits
         assert all(u.reservation.at <= loaded.high_water for u in self.units if u.reservation.charges)
         t = rl.effective_now(self.state, self.wall)
         assert rl.usage(loaded, t) == rl.usage(self.state, t)
@@ -271,7 +272,7 @@ def test_conversion_between_strategies_is_never_looser():
     t = ts("UTC", 2026, 5, 1, 12, 0, 30)
     rolling = rl.new_state({rl.Period.HOUR: 10}, strategy=rl.Strategy.ROLLING, tz=utc)
     rolling, d = rl.admit(rolling, t, 10)
-    rows = [(c.period, c.bucket, c.units) for c in d.charges]
+    rows = [(c.metric, c.period, c.bucket, c.units) for c in d.charges]
     fixed = rl.new_state({rl.Period.HOUR: 10}, strategy=rl.Strategy.FIXED, tz=utc)
     converted = rl.with_counts(fixed, rl.convert_rows(rows, from_strategy=rl.Strategy.ROLLING, from_tz=utc, to_state=fixed, now=t + 5))
     assert rl.usage(converted, t + 5)[0].used == 10

@@ -16,8 +16,8 @@ import math
 import sqlite3
 import time
 import zoneinfo
-from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import trio
 
@@ -26,6 +26,7 @@ from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
 from processor.effects.store import SqliteDb, StoreError
 from processor.pure import ratelimit as rl
+from processor.pure.budget import NANO, ModelPrice, format_money
 from processor.pure.faults import Dependency, DependencyError, Fault
 
 
@@ -43,10 +44,13 @@ class LimiterError(DependencyError):
 
 
 class Limiter(Protocol):
+    """What the stages use. Every method that touches the store raises only `LimiterError`."""
+
     name: str
 
-    async def admit(self, n: int) -> rl.Decision: ...
+    async def admit(self, n: int | Sequence[rl.Demand]) -> rl.Decision: ...
     async def refund(self, reservations: Sequence[rl.Reservation]) -> None: ...
+    async def settle(self, reservations: Sequence[rl.Reservation], *, tokens_in: int, tokens_out: int) -> tuple[rl.Reservation, ...]: ...
     def reservation_at(self, at: float, units: int = 1) -> rl.Reservation: ...
     def usage(self) -> list[rl.TierUsage]: ...
     def now(self) -> float: ...
@@ -57,35 +61,45 @@ class Limiter(Protocol):
 # --- the SQLite store --------------------------------------------------------------------
 
 RATE_LIMIT_MIGRATIONS = [
+    # 1 (a6a26dd): task counters only
     """
     CREATE TABLE counters (period TEXT NOT NULL, bucket INTEGER NOT NULL, units INTEGER NOT NULL,
                            PRIMARY KEY (period, bucket));
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
     """,
+    # 2: a metric per counter (tasks, tokens, spend); version-1 rows are task counts
+    """
+    CREATE TABLE counters_v2 (metric TEXT NOT NULL, period TEXT NOT NULL, bucket INTEGER NOT NULL,
+                              units INTEGER NOT NULL, PRIMARY KEY (metric, period, bucket));
+    INSERT INTO counters_v2 SELECT 'tasks', period, bucket, units FROM counters;
+    DROP TABLE counters;
+    ALTER TABLE counters_v2 RENAME TO counters
+    """,
 ]
 
 
 class RateLimitStore:
-    """Counters per (period, bucket) and meta (strategy, zone, high-water mark). Every
-    admission is persisted before the claim. Raises `StoreError`."""
+    """Counters per (metric, period, bucket) and meta (strategy, zone, high-water mark).
+    Every admission is persisted before the claim. Raises `StoreError`."""
 
     def __init__(self, path: str) -> None:
         self.db = SqliteDb(path, RATE_LIMIT_MIGRATIONS, synchronous="FULL")
 
-    def load(self) -> tuple[list[tuple[rl.Period, int, int]], dict[str, str]]:
+    def load(self) -> tuple[list[rl.Row], dict[str, str]]:
         try:
-            rows = [(rl.Period(p), int(b), int(u)) for p, b, u in self.db.query("SELECT period, bucket, units FROM counters")]
+            rows = [(rl.Metric(m), rl.Period(p), int(b), int(u))
+                    for m, p, b, u in self.db.query("SELECT metric, period, bucket, units FROM counters")]
         except ValueError as exc:
-            raise StoreError(f"state store {self.db.path} holds an unknown period: {exc}") from None
+            raise StoreError(f"state store {self.db.path} holds an unknown metric or period: {exc}") from None
         meta = dict(self.db.query("SELECT key, value FROM meta"))
         return rows, meta
 
-    def replace_all(self, rows: Iterable[tuple[rl.Period, int, int]], meta: dict[str, str]) -> None:
+    def replace_all(self, rows: Iterable[rl.Row], meta: dict[str, str]) -> None:
         rows = list(rows)
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM counters")
-            c.executemany("INSERT INTO counters VALUES (?, ?, ?)", [(p.value, b, u) for p, b, u in rows])
+            c.executemany("INSERT INTO counters VALUES (?, ?, ?, ?)", [(m.value, p.value, b, u) for m, p, b, u in rows])
             c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
 
         self.db.tx(fn)
@@ -94,8 +108,8 @@ class RateLimitStore:
     def _apply(charges: Sequence[rl.Charge], prune: dict[rl.Period, int], high_water: float | None) -> Callable[[sqlite3.Connection], None]:
         def fn(c: sqlite3.Connection) -> None:
             c.executemany(
-                "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (period, bucket) DO UPDATE SET units = units + excluded.units",
-                [(ch.period.value, ch.bucket, ch.units) for ch in charges],
+                "INSERT INTO counters VALUES (?, ?, ?, ?) ON CONFLICT (metric, period, bucket) DO UPDATE SET units = units + excluded.units",
+                [(ch.metric.value, ch.period.value, ch.bucket, ch.units) for ch in charges],
             )
             c.execute("DELETE FROM counters WHERE units <= 0")
             for period, before in prune.items():
@@ -128,32 +142,65 @@ class TierWatch:
     def __init__(self, name: str, metrics: Metrics | None, **context: str) -> None:
         self._name = name
         self._metrics = metrics if name == "global" else None
-        self._exhausted: set[rl.Period] = set()
+        self._exhausted: set[tuple[rl.Metric, rl.Period]] = set()
         self._log = get_logger("ratelimit").bind(limiter=name, **context)
 
     def update(self, usage: list[rl.TierUsage], retry_at: float | None = None) -> None:
-        exhausted = {u.period for u in usage if u.remaining <= 0}
-        for p in exhausted - self._exhausted:
-            self._log.warning("rate_limit_exhausted", period=p.value, retry_at=retry_at)
-        for p in self._exhausted - exhausted:
-            self._log.info("rate_limit_available", period=p.value)
+        exhausted = {(u.metric, u.period) for u in usage if u.remaining <= 0}
+        for m, p in exhausted - self._exhausted:
+            self._log.warning("rate_limit_exhausted", metric=m.value, period=p.value, retry_at=retry_at)
+        for m, p in self._exhausted - exhausted:
+            self._log.info("rate_limit_available", metric=m.value, period=p.value)
         self._exhausted = exhausted
         if self._metrics is not None:
             for u in usage:
-                self._metrics.rl_usage.labels(u.period.value).set(u.used)
-                self._metrics.rl_max.labels(u.period.value).set(u.limit)
-                self._metrics.rl_remaining.labels(u.period.value).set(u.remaining)
+                if u.metric is rl.Metric.TASKS:
+                    self._metrics.rl_usage.labels(u.period.value).set(u.used)
+                    self._metrics.rl_max.labels(u.period.value).set(u.limit)
+                    self._metrics.rl_remaining.labels(u.period.value).set(u.remaining)
+                else:
+                    scale = 1 / NANO if u.metric is rl.Metric.SPEND else 1
+                    labels = (u.metric.value, u.period.value)
+                    self._metrics.budget_used.labels(*labels).set(u.used * scale)
+                    self._metrics.budget_limit.labels(*labels).set(u.limit * scale)
+                    self._metrics.budget_remaining.labels(*labels).set(u.remaining * scale)
+
+
+def _amount(metric: rl.Metric, n: int) -> str | int:
+    return format_money(n) if metric is rl.Metric.SPEND else n
+
+
+def tier_views(usage: list[rl.TierUsage]) -> list[dict[str, Any]]:
+    """The tiers as /health shows them: task tiers as before; token and spend tiers with
+    `metric` (spend in currency units, as decimal strings)."""
+    out: list[dict[str, Any]] = []
+    for u in usage:
+        view: dict[str, Any] = {"period": u.period.value, "used": _amount(u.metric, u.used), "limit": _amount(u.metric, u.limit),
+                                "remaining": _amount(u.metric, u.remaining), "resets_at": u.resets_at}
+        if u.metric is not rl.Metric.TASKS:
+            view = {"metric": u.metric.value, **view}
+        out.append(view)
+    return out
 
 
 def format_usage(usage: list[rl.TierUsage]) -> list[str]:
-    """The `limits` command's table."""
+    """The `limits` command's table (token and spend tiers as `tokens/day`, `spend/month`;
+    spend in currency units)."""
     from datetime import UTC, datetime
 
-    lines = [f"{'period':<8} {'used':>10} {'limit':>10} {'remaining':>10}  resets at"]
+    lines = [f"{'period':<14} {'used':>14} {'limit':>14} {'remaining':>14}  resets at"]
     for u in usage:
         resets = datetime.fromtimestamp(u.resets_at, UTC).isoformat(timespec="seconds") if u.resets_at else "-"
-        lines.append(f"{u.period.value:<8} {u.used:>10} {u.limit:>10} {u.remaining:>10}  {resets}")
+        label = u.period.value if u.metric is rl.Metric.TASKS else f"{u.metric.value}/{u.period.value}"
+        lines.append(f"{label:<14} {_amount(u.metric, u.used)!s:>14} {_amount(u.metric, u.limit)!s:>14} "
+                     f"{_amount(u.metric, u.remaining)!s:>14}  {resets}")
     return lines
+
+
+def free_decision(now: float, demands: int | Sequence[rl.Demand]) -> rl.Decision:
+    """Everything admitted (no tier is on)."""
+    n = demands if isinstance(demands, int) else len(demands)
+    return rl.Decision(n, n, reservations=(rl.Reservation(now, 1, ()),) * n, at=now, refusals=(None,) * n)
 
 
 class Unlimited:
@@ -164,12 +211,14 @@ class Unlimited:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.now = clock
 
-    async def admit(self, n: int) -> rl.Decision:
-        now = self.now()
-        return rl.Decision(n, n, reservations=(rl.Reservation(now, 1, ()),) * n, at=now)
+    async def admit(self, n: int | Sequence[rl.Demand]) -> rl.Decision:
+        return free_decision(self.now(), n)
 
     async def refund(self, reservations: Sequence[rl.Reservation]) -> None:
         return None
+
+    async def settle(self, reservations: Sequence[rl.Reservation], *, tokens_in: int, tokens_out: int) -> tuple[rl.Reservation, ...]:
+        return tuple(reservations)
 
     def reservation_at(self, at: float, units: int = 1) -> rl.Reservation:
         return rl.Reservation(at, units, ())
@@ -185,7 +234,7 @@ class Unlimited:
 class SqliteLimiter:
     """The multi-tier limiter with its counters in a SQLite file (one process).
 
-    Raises `LimiterError` (kind INVALID) when the file cannot be opened or read."""
+    Raises `LimiterError` (kind MALFORMED) when the file cannot be opened or read."""
 
     def __init__(
         self,
@@ -197,13 +246,16 @@ class SqliteLimiter:
         metrics: Metrics | None,
         clock: Callable[[], float] = time.time,
         name: str = "global",
+        tokens: dict[rl.Period, int] | None = None,
+        spend: dict[rl.Period, int] | None = None,
+        prices: Mapping[str, ModelPrice] | None = None,
     ) -> None:
         self.name = name
         self.now = clock
         self._metrics = metrics
         self._tz_name = tz_name
         tz = zoneinfo.ZoneInfo(tz_name)
-        self.state = rl.new_state(limits, strategy=strategy, tz=tz)
+        self.state = rl.new_state(limits, strategy=strategy, tz=tz, tokens=tokens, spend=spend, prices=prices)
         try:
             self._store = RateLimitStore(store) if isinstance(store, str) else store
             rows, meta = self._store.load()
@@ -225,6 +277,7 @@ class SqliteLimiter:
         except (ValueError, zoneinfo.ZoneInfoNotFoundError) as exc:
             raise LimiterError(Fault.MALFORMED, f"rate-limit store holds unreadable meta data: {exc}") from None
         self.state = rl.with_counts(self.state, rows, high_water=hw)
+        self._stored_high_water = self.state.high_water
         self._lock = trio.Lock()
         self._admissions = 0
         self._watch = TierWatch(name, metrics)
@@ -238,27 +291,30 @@ class SqliteLimiter:
     async def _write(self, charges: Sequence[rl.Charge], prune: dict[rl.Period, int] | None = None, high_water: float | None = None) -> None:
         try:
             await self._store.apply(charges, prune, high_water=high_water)
+            if high_water is not None:
+                self._stored_high_water = max(self._stored_high_water, high_water)
         except StoreError as exc:
             raise LimiterError(Fault.SERVER, str(exc)) from None
         except (sqlite3.Error, OSError) as exc:  # anything the store did not classify itself
             raise LimiterError(Fault.SERVER, f"{self._store.db.path}: {type(exc).__name__}: {exc}") from None
 
-    async def admit(self, n: int) -> rl.Decision:
-        """Reserve up to `n` units now. Raises `LimiterError` (nothing admitted)."""
+    async def admit(self, n: int | Sequence[rl.Demand]) -> rl.Decision:
+        """Reserve for `n` tasks (or one per `Demand`) now. Raises `LimiterError` (nothing admitted)."""
         async with self._lock:
             t0 = time.perf_counter()
             now = self.now()
             new_state, decision = rl.admit(self.state, now, n)
-            if decision.charges:
+            if decision.charges or new_state.high_water > self._stored_high_water:
+                # The mark is stored whenever it moves, so that a restart never evaluates
+                # earlier than this process already did (a counter it pruned in memory, e.g.
+                # refunded after its window, may still be on disk).
                 self._admissions += 1
                 prune = {t.period: rl.prune_before(new_state, t.period, now) for t in new_state.tiers} if self._admissions % 200 == 0 else None
                 await self._write(decision.charges, prune, new_state.high_water)  # nothing admitted if it fails
-            # Without charges the high-water mark moves in memory only: the stored one is never
-            # below a stored charge, which is all a restart needs.
             self.state = new_state
             if self._metrics is not None:
                 self._metrics.rl_check.observe(time.perf_counter() - t0)
-                if decision.admitted < n:
+                if decision.admitted < decision.requested:
                     for p in decision.exhausted:
                         self._metrics.rl_exceeded.labels(p.value).inc()
             self._watch.update(rl.usage(self.state, now), decision.retry_at)
@@ -275,6 +331,20 @@ class SqliteLimiter:
             self.state = new_state
             self._watch.update(rl.usage(self.state, self.now()))
 
+    async def settle(self, reservations: Sequence[rl.Reservation], *, tokens_in: int, tokens_out: int) -> tuple[rl.Reservation, ...]:
+        """Replace the estimates of one request's reservations by its real `usage` (totals
+        for the request). Returns the settled reservations. Raises `LimiterError` (the
+        estimates stay recorded)."""
+        if not reservations:
+            return ()
+        async with self._lock:
+            new_state, charges, settled = rl.settle(self.state, reservations, tokens_in, tokens_out)
+            if charges:
+                await self._write(charges, None, new_state.high_water)
+            self.state = new_state
+            self._watch.update(rl.usage(self.state, self.now()))
+            return settled
+
     def reservation_at(self, at: float, units: int = 1) -> rl.Reservation:
         """The reservation an admission at `at` (a stored `Reservation.at`) made."""
         return rl.reservation_at(self.state, at, units)
@@ -283,12 +353,20 @@ class SqliteLimiter:
         return rl.usage(self.state, self.now())
 
 
+def budget_maps(settings: Settings) -> dict[str, Any]:
+    """The global limiter's token and spend tiers and prices, from the settings."""
+    return {"tokens": limits_map(settings.token_limits), "spend": limits_map(settings.spend_limits), "prices": settings.model_prices}
+
+
 def build_limiter(
     settings: Settings, limits: Limits, path: str, *, metrics: Metrics | None, name: str, clock: Callable[[], float] = time.time
 ) -> Limiter:
-    if not settings.rate_limit_enabled or not limits.enabled():
+    """The global limiter (name "global": task, token and spend tiers) or the OpenAI one
+    (task tiers only)."""
+    budgets = budget_maps(settings) if name == "global" else {}
+    if not settings.rate_limit_enabled or not (limits.enabled() or budgets.get("tokens") or budgets.get("spend")):
         return Unlimited(clock)
     return SqliteLimiter(
         path, limits_map(limits), strategy=settings.rate_limit_strategy, tz_name=settings.rate_limit_timezone,
-        metrics=metrics, clock=clock, name=name,
+        metrics=metrics, clock=clock, name=name, **budgets,
     )

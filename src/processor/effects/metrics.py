@@ -116,6 +116,9 @@ class Metrics:
         self.rl_exceeded = Counter(
             "rate_limit_exceeded_total", "Admissions refused (in part) by a tier", ["period"], registry=r
         )
+        self.budget_used = Gauge("rate_limit_budget_used", "Tokens or spend (currency units) used in the window", ["metric", "period"], registry=r)
+        self.budget_limit = Gauge("rate_limit_budget_limit", "Token or spend (currency units) budget of the window", ["metric", "period"], registry=r)
+        self.budget_remaining = Gauge("rate_limit_budget_remaining", "Tokens or spend (currency units) left in the window", ["metric", "period"], registry=r)
         self.rl_check = Histogram(
             "rate_limit_check_duration_seconds", "Admission decision + persistence",
             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5), registry=r,

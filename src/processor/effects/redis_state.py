@@ -22,70 +22,101 @@ import os
 import socket
 import time
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 import coredis
 import trio
 
 from processor.config import Limits, Settings
-from processor.effects.limiter import LimiterError, TierWatch, Unlimited, format_usage, limits_map
+from processor.effects.limiter import LimiterError, TierWatch, Unlimited, budget_maps, format_usage, free_decision, limits_map
 from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
 from processor.pure import ratelimit as rl
+from processor.pure.budget import ModelPrice
 from processor.pure.faults import Dependency, Fault
 
-# KEYS: one hash per tier (bucket -> units), then the high-water key. ARGV: n, now, then per
-# tier: limit, bucket, cutoff, ttl_ms. A `now` earlier than the high-water mark (Redis's clock
-# stepped back) admits nothing and returns {-1, mark}: the client recomputes the buckets at
-# the mark and asks again, so no admission is ever evaluated before one already made.
+# KEYS: one hash per tier (bucket -> amount), then the high-water key. ARGV: m (tasks), now,
+# then per tier: limit, bucket, cutoff, ttl_ms; then per task, its amount per tier. Tasks are
+# taken in order while each fits every tier it needs (an amount of 0 needs no room); the
+# first that does not fit stops the rest. Returns {admitted, now, hashes...}. A `now` earlier
+# than the high-water mark (Redis's clock stepped back) admits nothing and returns {-1, mark}:
+# the client recomputes the buckets at the mark and asks again, so no admission is ever
+# evaluated before one already made.
 ADMIT_LUA = """
-local n = tonumber(ARGV[1])
+local m = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local tiers = #KEYS - 1
 local hwkey = KEYS[#KEYS]
 local hw = redis.call('GET', hwkey)
 if hw and tonumber(hw) > now then return {-1, hw} end
-local room = n
+local used, limit, add = {}, {}, {}
 local maxttl = 0
 for i = 1, tiers do
   local base = 2 + (i - 1) * 4
-  local limit = tonumber(ARGV[base + 1])
+  limit[i] = tonumber(ARGV[base + 1])
   local cutoff = tonumber(ARGV[base + 3])
   local ttl = tonumber(ARGV[base + 4])
   if ttl > maxttl then maxttl = ttl end
   local h = redis.call('HGETALL', KEYS[i])
-  local used = 0
+  local u = 0
   for j = 1, #h, 2 do
     if tonumber(h[j]) < cutoff then
       redis.call('HDEL', KEYS[i], h[j])
     else
-      used = used + tonumber(h[j + 1])
+      u = u + tonumber(h[j + 1])
     end
   end
-  if limit - used < room then room = limit - used end
+  used[i] = u
+  add[i] = 0
 end
-if room < 0 then room = 0 end
-redis.call('SET', hwkey, ARGV[2], 'PX', maxttl)
-if room > 0 then
+local first = 2 + tiers * 4
+local admitted = 0
+for j = 1, m do
+  local at = first + (j - 1) * tiers
+  local fits = true
   for i = 1, tiers do
+    local a = tonumber(ARGV[at + i])
+    if a > 0 and used[i] + a > limit[i] then fits = false; break end
+  end
+  if not fits then break end
+  for i = 1, tiers do
+    local a = tonumber(ARGV[at + i])
+    used[i] = used[i] + a
+    add[i] = add[i] + a
+  end
+  admitted = j
+end
+if maxttl > 0 then redis.call('SET', hwkey, ARGV[2], 'PX', maxttl) end
+for i = 1, tiers do
+  if add[i] > 0 then
     local base = 2 + (i - 1) * 4
-    redis.call('HINCRBY', KEYS[i], ARGV[base + 2], room)
+    redis.call('HINCRBY', KEYS[i], ARGV[base + 2], add[i])
     redis.call('PEXPIRE', KEYS[i], ARGV[base + 4])
   end
 end
-local out = {room, ARGV[2]}
+local out = {admitted, ARGV[2]}
 for i = 1, tiers do out[#out + 1] = redis.call('HGETALL', KEYS[i]) end
 return out
 """
 
-# KEYS: one hash per tier. ARGV: per tier, a count c then c pairs (bucket, signed amount).
-# A negative amount gives back at most what the bucket holds (never below zero).
+# KEYS: one hash per tier, then the high-water key. ARGV: the latest reservation instant
+# (raises the mark to it, '' for none), then per tier a ttl_ms, a count c, then c pairs
+# (bucket, signed amount). A negative amount takes back at most what the bucket holds (never
+# below zero); a positive one (a settlement above the estimate) is added whatever the limit,
+# and gives the hash a TTL if it had none.
 APPLY_LUA = """
 local out = {}
-local pos = 1
-for i = 1, #KEYS do
-  local c = tonumber(ARGV[pos]); pos = pos + 1
+local tiers = #KEYS - 1
+if ARGV[1] ~= '' then
+  local hw = redis.call('GET', KEYS[#KEYS])
+  if not hw or tonumber(hw) < tonumber(ARGV[1]) then redis.call('SET', KEYS[#KEYS], ARGV[1], 'PX', 32 * 86400 * 1000) end
+end
+local pos = 2
+for i = 1, tiers do
+  local ttl = ARGV[pos]
+  local c = tonumber(ARGV[pos + 1]); pos = pos + 2
   for j = 1, c do
     local b, amount = ARGV[pos], tonumber(ARGV[pos + 1]); pos = pos + 2
     if amount < 0 then
@@ -96,6 +127,7 @@ for i = 1, #KEYS do
       end
     elseif amount > 0 then
       redis.call('HINCRBY', KEYS[i], b, amount)
+      if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
     end
   end
   out[#out + 1] = redis.call('HGETALL', KEYS[i])
@@ -213,20 +245,25 @@ def _pairs(flat: Sequence[Any]) -> dict[int, int]:
 
 
 class RedisLimiter:
-    """The multi-tier limiter with its counters in Redis (same interface as SqliteLimiter).
+    """The multi-tier limiter with its counters in Redis (same interface as SqliteLimiter),
+    shared by every replica: task, token and spend tiers, one atomic script per admission.
 
-    Raises only `LimiterError` (kind UNAVAILABLE when Redis cannot be reached)."""
+    Raises only `LimiterError` (kind UNREACHABLE when Redis cannot be reached)."""
 
     def __init__(self, shared: RedisShared, limits: dict[rl.Period, int], *, strategy: rl.Strategy, tz_name: str,
-                 metrics: Metrics | None, name: str = "global") -> None:
+                 metrics: Metrics | None, name: str = "global", tokens: dict[rl.Period, int] | None = None,
+                 spend: dict[rl.Period, int] | None = None, prices: Mapping[str, ModelPrice] | None = None) -> None:
         self.name = name
         self._shared = shared
         self._metrics = metrics
         self._tz = zoneinfo.ZoneInfo(tz_name)
-        self._base = rl.new_state(limits, strategy=strategy, tz=self._tz)
+        self._base = rl.new_state(limits, strategy=strategy, tz=self._tz, tokens=tokens, spend=spend, prices=prices)
         self.state = self._base
         self._offset = 0.0  # Redis time minus local time, for usage() between calls
-        self._keys = [f"{shared.prefix}:rl:{name}:{strategy.value}:{tz_name}:{t.period.value}" for t in self._base.tiers]
+        base = f"{shared.prefix}:rl:{name}:{strategy.value}:{tz_name}"
+        # task tiers keep the key names of the first release (counters carry over)
+        self._keys = [f"{base}:{t.period.value}" if t.metric is rl.Metric.TASKS else f"{base}:{t.metric.value}:{t.period.value}"
+                      for t in self._base.tiers]
         self._hw_key = f"{shared.prefix}:rl:{name}:high_water"
         self._watch = TierWatch(name, metrics, shared="redis")
 
@@ -253,7 +290,7 @@ class RedisLimiter:
         return args
 
     def _load(self, hashes: Sequence[Sequence[Any]], high_water: float | None = None) -> None:
-        rows = [(tier.period, b, c) for tier, flat in zip(self._base.tiers, hashes, strict=True) for b, c in _pairs(flat).items()]
+        rows = [(tier.metric, tier.period, b, c) for tier, flat in zip(self._base.tiers, hashes, strict=True) for b, c in _pairs(flat).items()]
         hw = self.state.high_water if high_water is None else max(self.state.high_water, high_water)
         self.state = rl.with_counts(self._base, rows, high_water=hw)
 
@@ -263,11 +300,11 @@ class RedisLimiter:
         except RedisUnavailable as exc:
             raise LimiterError(Fault.UNREACHABLE, f"redis: {exc}", dependency=Dependency.REDIS) from None
 
-    async def admit(self, n: int) -> rl.Decision:
-        """Reserve up to `n` units at Redis's time. Raises `LimiterError` (nothing admitted)."""
+    async def admit(self, n: int | Sequence[rl.Demand]) -> rl.Decision:
+        """Reserve for `n` tasks (or one per `Demand`) at Redis's time. Raises `LimiterError`
+        (nothing admitted)."""
         if not self._base.tiers:
-            now = self.now()
-            return rl.Decision(n, n, reservations=(rl.Reservation(now, 1, ()),) * n, at=now)
+            return free_decision(self.now(), n)
         try:
             now = await self._shared.now()  # Redis's clock: replicas with skewed clocks agree
         except RedisUnavailable as exc:
@@ -275,13 +312,19 @@ class RedisLimiter:
         self._offset = now - time.time()
         return await self.admit_at(n, now)
 
-    async def admit_at(self, n: int, now: float) -> rl.Decision:
+    async def admit_at(self, n: int | Sequence[rl.Demand], now: float) -> rl.Decision:
         """One atomic admission at Redis time `now` (the script applies the pure rule), or at
         the shared high-water mark when `now` is earlier than it."""
+        if not self._base.tiers:
+            return rl.admit(self._base, now, n)[1]
         t0 = time.perf_counter()
+        plans = rl.plan(self._base, n)
+        candidates = [p for p in plans if p.refusal is None]
+        needs = [a for p in candidates for a in p.need]
+        before = self.state
         try:
             for _ in range(5):  # the mark only moves forward: a retry at it succeeds unless another replica moved it
-                out = await self._call("admit", [*self._keys, self._hw_key], [n, repr(now), *self._tier_args(now)])
+                out = await self._call("admit", [*self._keys, self._hw_key], [len(candidates), repr(now), *self._tier_args(now), *needs])
                 if int(out[0]) >= 0:
                     break
                 now = float(out[1])
@@ -291,35 +334,54 @@ class RedisLimiter:
             self._load(out[2:], now)
         except (ValueError, TypeError, IndexError) as exc:
             raise LimiterError(Fault.MALFORMED, f"redis: unexpected answer from the admission script: {exc}", dependency=Dependency.REDIS) from None
-        exhausted = tuple(u.period for u in rl.usage(self.state, now) if u.remaining <= 0)
-        retry_at = rl.next_free_at(self.state, now) if admitted < n else None
+        decision = rl.decide(before, self.state, now, plans, admitted)
         if self._metrics is not None:
             self._metrics.rl_check.observe(time.perf_counter() - t0)
-            if admitted < n:
-                for p in exhausted:
+            if decision.admitted < decision.requested:
+                for p in decision.exhausted:
                     self._metrics.rl_exceeded.labels(p.value).inc()
-        self._watch.update(rl.usage(self.state, now), retry_at)
-        one = rl.reservation_at(self._base, now, 1)
-        charges = tuple(rl.Charge(c.period, c.bucket, admitted) for c in one.charges) if admitted else ()
-        return rl.Decision(n, admitted, charges, retry_at, exhausted, (one,) * admitted, now)
+        self._watch.update(rl.usage(self.state, now), decision.retry_at)
+        return decision
+
+    def _apply_args(self, deltas: Mapping[tuple[rl.Metric, rl.Period, int], int]) -> list[Any]:
+        args: list[Any] = []
+        for tier in self._base.tiers:
+            pairs = sorted((b, n) for (m, p, b), n in deltas.items() if m is tier.metric and p is tier.period and n)
+            # long enough for any period the bucket can count in (a calendar month has 31 days)
+            ttl = (rl.ROLLING_WINDOW[tier.period] + rl.GRANULARITY[tier.period] + rl.SLACK + 86_400 + 60) * 1000
+            args += [ttl, len(pairs)]
+            for b, n in pairs:
+                args += [b, n]
+        return args
+
+    async def _apply(self, deltas: Mapping[tuple[rl.Metric, rl.Period, int], int], what: str, mark: float | None = None) -> None:
+        out = await self._call("apply", [*self._keys, self._hw_key], ["" if mark is None else repr(mark), *self._apply_args(deltas)])
+        try:
+            self._load(out)
+        except (ValueError, TypeError) as exc:
+            raise LimiterError(Fault.MALFORMED, f"redis: unexpected answer from the {what} script: {exc}", dependency=Dependency.REDIS) from None
+        self._watch.update(self.usage())
 
     async def refund(self, reservations: Sequence[rl.Reservation]) -> None:
         """Give back what `reservations` were charged. Raises `LimiterError`."""
         if not reservations or not self._base.tiers:
             return
-        wanted = rl.merge(reservations)
-        args: list[Any] = []
-        for tier in self._base.tiers:
-            pairs = [(b, n) for (p, b), n in sorted(wanted.items(), key=lambda kv: kv[0][1]) if p is tier.period and n > 0]
-            args.append(len(pairs))
-            for b, n in pairs:
-                args += [b, -n]
-        out = await self._call("apply", self._keys, args)
-        try:
-            self._load(out)
-        except (ValueError, TypeError) as exc:
-            raise LimiterError(Fault.MALFORMED, f"redis: unexpected answer from the refund script: {exc}", dependency=Dependency.REDIS) from None
-        self._watch.update(self.usage())
+        await self._apply({k: -n for k, n in rl.merge(reservations).items() if n > 0}, "refund")
+
+    async def settle(self, reservations: Sequence[rl.Reservation], *, tokens_in: int, tokens_out: int) -> tuple[rl.Reservation, ...]:
+        """Replace the estimates of one request's reservations by its real usage. Returns
+        the settled reservations. Raises `LimiterError` (the estimates stay recorded)."""
+        if not reservations:
+            return ()
+        deltas, settled = rl.settlement(self._base, reservations, tokens_in, tokens_out)
+        if deltas and self._base.tiers:
+            await self._apply(deltas, "settle", max(r.at for r in reservations))
+            self._load_mark(max(r.at for r in reservations))
+        return settled
+
+    def _load_mark(self, at: float) -> None:
+        if at > self.state.high_water:
+            self.state = attrs.evolve(self.state, high_water=at)
 
     def reservation_at(self, at: float, units: int = 1) -> rl.Reservation:
         return rl.reservation_at(self._base, at, units)
@@ -432,10 +494,12 @@ def _password(url: str) -> str | None:
 
 def build_limiters(settings: Settings, shared: RedisShared, metrics: Metrics | None) -> tuple[Any, Any]:
     def one(limits: Limits, name: str) -> Any:
-        if not settings.rate_limit_enabled or not limits.enabled():
+        budgets = budget_maps(settings) if name == "global" else {}
+        if not settings.rate_limit_enabled or not (limits.enabled() or budgets.get("tokens") or budgets.get("spend")):
             return Unlimited()
         return RedisLimiter(shared, limits_map(limits), strategy=settings.rate_limit_strategy,
-                            tz_name=settings.rate_limit_timezone, metrics=metrics if name == "global" else None, name=name)
+                            tz_name=settings.rate_limit_timezone, metrics=metrics if name == "global" else None, name=name,
+                            **budgets)
 
     return one(settings.rate_limits, "global"), one(settings.openai_rate_limits, "openai")
 
