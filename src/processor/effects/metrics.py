@@ -224,8 +224,7 @@ class Metrics:
 
 
 def _outbox_oldest_age(rt: Runtime) -> float:
-    oldest = min(rt.outbox_oldest.values(), default=None)
-    return 0.0 if oldest is None else max(0.0, rt.wall() - oldest)
+    return rt.book.oldest_result_age()
 
 
 def pause_reasons(rt: Runtime) -> dict[str, bool]:
@@ -236,7 +235,7 @@ def pause_reasons(rt: Runtime) -> dict[str, bool]:
         now = None
     out = dict.fromkeys(PAUSE_REASONS, False)
     out["shutting_down"] = rt.stopping.is_set()
-    out["intake_full"] = len(rt.held) > rt.high_water // 2
+    out["intake_full"] = len(rt.book) > rt.book.capacity // 2  # what Book.wait_for_room waits on
     if now is not None:
         out["rate_limited"] = now < rt.admission_paused_until
         out["api_breaker_open"] = rt.api.guard.blocked_until() is not None
