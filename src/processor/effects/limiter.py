@@ -278,6 +278,8 @@ class SqliteLimiter:
             raise LimiterError(Fault.MALFORMED, f"rate-limit store holds unreadable meta data: {exc}") from None
         self.state = rl.with_counts(self.state, rows, high_water=hw)
         self._stored_high_water = self.state.high_water
+        self._pending: list[rl.Charge] = []  # settlements the store could not take yet
+        self._log = get_logger("ratelimit").bind(limiter=name)
         self._lock = trio.Lock()
         self._admissions = 0
         self._watch = TierWatch(name, metrics)
@@ -289,8 +291,11 @@ class SqliteLimiter:
         return db.writable, db.last_error
 
     async def _write(self, charges: Sequence[rl.Charge], prune: dict[rl.Period, int] | None = None, high_water: float | None = None) -> None:
+        """Persist `charges` after any settlement still waiting to be written, in one
+        transaction. Raises `LimiterError` (nothing written)."""
         try:
-            await self._store.apply(charges, prune, high_water=high_water)
+            await self._store.apply([*self._pending, *charges], prune, high_water=high_water)
+            self._pending = []
             if high_water is not None:
                 self._stored_high_water = max(self._stored_high_water, high_water)
         except StoreError as exc:
@@ -333,15 +338,21 @@ class SqliteLimiter:
 
     async def settle(self, reservations: Sequence[rl.Reservation], *, tokens_in: int, tokens_out: int) -> tuple[rl.Reservation, ...]:
         """Replace the estimates of one request's reservations by its real `usage` (totals
-        for the request). Returns the settled reservations. Raises `LimiterError` (the
-        estimates stay recorded)."""
+        for the request). Returns the settled reservations. Never raises for the store: a
+        settlement the store cannot take now counts in this process at once and is written
+        with the next successful write (meanwhile the store reports unhealthy, and nothing is
+        admitted, since admissions write too). Do not settle the same reservations twice."""
         if not reservations:
             return ()
         async with self._lock:
             new_state, charges, settled = rl.settle(self.state, reservations, tokens_in, tokens_out)
+            self.state = new_state  # what was spent counts at once, written or not
             if charges:
-                await self._write(charges, None, new_state.high_water)
-            self.state = new_state
+                try:
+                    await self._write(charges, None, new_state.high_water)
+                except LimiterError as exc:
+                    self._pending += charges
+                    self._log.warning("settlement_deferred", error=str(exc), action="written with the next successful write")
             self._watch.update(rl.usage(self.state, self.now()))
             return settled
 

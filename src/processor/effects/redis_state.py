@@ -265,6 +265,8 @@ class RedisLimiter:
         self._keys = [f"{base}:{t.period.value}" if t.metric is rl.Metric.TASKS else f"{base}:{t.metric.value}:{t.period.value}"
                       for t in self._base.tiers]
         self._hw_key = f"{shared.prefix}:rl:{name}:high_water"
+        self._pending: dict[tuple[rl.Metric, rl.Period, int], int] = {}  # settlements Redis could not take yet
+        self._pending_mark: float | None = None
         self._watch = TierWatch(name, metrics, shared="redis")
 
     def now(self) -> float:
@@ -321,6 +323,7 @@ class RedisLimiter:
         plans = rl.plan(self._base, n)
         candidates = [p for p in plans if p.refusal is None]
         needs = [a for p in candidates for a in p.need]
+        await self._flush()  # settlements first: nothing is admitted past what was spent
         before = self.state
         try:
             for _ in range(5):  # the mark only moves forward: a retry at it succeeds unless another replica moved it
@@ -362,21 +365,40 @@ class RedisLimiter:
             raise LimiterError(Fault.MALFORMED, f"redis: unexpected answer from the {what} script: {exc}", dependency=Dependency.REDIS) from None
         self._watch.update(self.usage())
 
+    async def _flush(self) -> None:
+        """Write the settlements Redis could not take yet. Raises `LimiterError`."""
+        if self._pending:
+            pending, mark = self._pending, self._pending_mark
+            await self._apply(pending, "settle", mark)
+            self._pending, self._pending_mark = {}, None
+
     async def refund(self, reservations: Sequence[rl.Reservation]) -> None:
         """Give back what `reservations` were charged. Raises `LimiterError`."""
         if not reservations or not self._base.tiers:
             return
+        await self._flush()
         await self._apply({k: -n for k, n in rl.merge(reservations).items() if n > 0}, "refund")
 
     async def settle(self, reservations: Sequence[rl.Reservation], *, tokens_in: int, tokens_out: int) -> tuple[rl.Reservation, ...]:
         """Replace the estimates of one request's reservations by its real usage. Returns
-        the settled reservations. Raises `LimiterError` (the estimates stay recorded)."""
+        the settled reservations. Never raises for Redis: a settlement Redis cannot take now
+        counts in this process at once and is written before the next admission or refund
+        (which fail closed until it is). Do not settle the same reservations twice."""
         if not reservations:
             return ()
         deltas, settled = rl.settlement(self._base, reservations, tokens_in, tokens_out)
         if deltas and self._base.tiers:
-            await self._apply(deltas, "settle", max(r.at for r in reservations))
-            self._load_mark(max(r.at for r in reservations))
+            mark = max(r.at for r in reservations)
+            for k, v in deltas.items():
+                self._pending[k] = self._pending.get(k, 0) + v
+            self._pending_mark = mark if self._pending_mark is None else max(mark, self._pending_mark)
+            try:
+                await self._flush()
+            except LimiterError as exc:
+                self.state = rl.apply(self.state, deltas)[0]
+                get_logger("ratelimit").warning("settlement_deferred", limiter=self.name, error=str(exc),
+                                                action="written before the next admission")
+            self._load_mark(mark)
         return settled
 
     def _load_mark(self, at: float) -> None:
