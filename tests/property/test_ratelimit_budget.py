@@ -66,6 +66,7 @@ def test_prices_per_million_tokens():
     assert budget.cost(budget.DEFAULT_PRICES["o3"], 1_000_000, 1_000_000) == 10 * budget.NANO  # 2 + 8 USD
     assert budget.cost(budget.DEFAULT_PRICES["text-embedding-3-small"], 1_000_000, 0) == budget.NANO // 50  # 0.02
     assert budget.token_upper_bound("ação") == 6  # UTF-8 bytes
+    assert rl.Demand.upper_bound("ação", "o3", max_output_tokens=500, overhead=7) == rl.Demand(13, 500, "o3")
 
 
 def counts(strategy, tz, tier, at, bucket, now):

@@ -367,10 +367,20 @@ class RedisLimiter:
 
     async def _flush(self) -> None:
         """Write the settlements Redis could not take yet. Raises `LimiterError`."""
-        if self._pending:
-            pending, mark = self._pending, self._pending_mark
+        if not self._pending:
+            return
+        pending, mark = self._pending, self._pending_mark
+        self._pending, self._pending_mark = {}, None  # taken: a concurrent caller does not send them again
+        try:
             await self._apply(pending, "settle", mark)
-            self._pending, self._pending_mark = {}, None
+        except BaseException:
+            # not written (or not known to be: cancelled mid-call): keep them, counting twice
+            # rather than never
+            for k, v in pending.items():
+                self._pending[k] = self._pending.get(k, 0) + v
+            if mark is not None:
+                self._pending_mark = mark if self._pending_mark is None else max(mark, self._pending_mark)
+            raise
 
     async def refund(self, reservations: Sequence[rl.Reservation]) -> None:
         """Give back what `reservations` were charged. Raises `LimiterError`."""

@@ -45,7 +45,7 @@ from datetime import datetime, timedelta, tzinfo
 
 import attrs
 
-from processor.pure.budget import ModelPrice, cost, split
+from processor.pure.budget import ModelPrice, cost, split, token_upper_bound
 
 
 class Period(enum.Enum):
@@ -121,6 +121,13 @@ class Demand:
     tokens_in: int = 0
     tokens_out: int = 0
     model: str | None = None
+
+    @classmethod
+    def upper_bound(cls, prompt: str, model: str | None, *, max_output_tokens: int = 0, overhead: int = 0) -> Demand:
+        """A demand no real call can exceed: the prompt's UTF-8 bytes (plus `overhead`
+        tokens for message framing) in, `max_output_tokens` out. With these, caps hold
+        exactly. `model=None` for a task that costs nothing (a local backend)."""
+        return cls(token_upper_bound(prompt) + overhead, max_output_tokens, model)
 
 
 def effective_now(state: LimiterState, now: float) -> float:
