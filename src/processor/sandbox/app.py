@@ -75,7 +75,7 @@ class Fault:
     status: int = 503
     count: int | None = None
     probability: float = 1.0
-    latency: float = 0.0
+    latency: float = 0.0  # a request carried out after its latency is carried out even if the client leaves
     apply: bool = False  # carry the request out, then answer `status` anyway
     drop: bool = False  # break the connection before the answer (with `apply`: after carrying the request out)
     only_state: str | None = None  # PATCH only: fault only bodies with this `state`
@@ -346,6 +346,15 @@ class SandboxApp:
         route = _route_name(method, path)
         body = await _read_body(receive)
         fault = self._take_fault(route, body)
+        carried_out = fault is None or fault.apply or not fault.status
+        if fault is not None and fault.latency and carried_out and not (fault.drop or fault.hang):
+            # a slow request the API carries out: it is applied even if the client gives up
+            # meanwhile (hypercorn cancels the app when the client leaves; the real API does not)
+            with trio.CancelScope(shield=True):
+                await trio.sleep(fault.latency)
+                dispatched = await self._dispatch(scope, method, path, body)
+            await self._answer(send, route, fault, dispatched)
+            return
         if fault is not None and fault.latency:
             await trio.sleep(fault.latency)
         if fault is not None and fault.hang:
@@ -360,7 +369,10 @@ class SandboxApp:
         if fault is not None and not fault.apply and fault.status:
             await self._send_fault(send, route, fault)
             return
-        status, payload, stream = await self._dispatch(scope, method, path, body)
+        await self._answer(send, route, fault, await self._dispatch(scope, method, path, body))
+
+    async def _answer(self, send: Send, route: str, fault: Fault | None, dispatched: tuple[int, Any, Iterator[bytes] | None]) -> None:
+        status, payload, stream = dispatched
         if fault is not None and fault.apply and fault.status:
             await self._send_fault(send, route, fault)
             return
