@@ -47,6 +47,9 @@ from processor.pure.tasks import Backend, Routing
 from processor.runtime import RELEASE_TIMEOUT, Runtime
 from processor.stages import claim, embed, intake, recovery, report
 
+# Signals that arrived while the daemon's own receiver was not installed (see processor.wiring).
+EARLY_SIGNALS: list[int] = []
+
 
 class StartupError(Exception):
     """The daemon cannot start (a model cannot be made available, a store is unusable)."""
@@ -266,6 +269,11 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             count = 0
+            if EARLY_SIGNALS:  # a signal came before the receiver was in place: shut down now
+                count = len(EARLY_SIGNALS)
+                EARLY_SIGNALS.clear()
+                self.log.info("signal_received", signal="early", action="shutdown")
+                self.stop(immediate=count > 1)
             async for signum in signals:
                 count += 1
                 self.log.info("signal_received", signal=signal.Signals(signum).name, action="shutdown" if count == 1 else "immediate shutdown")

@@ -69,22 +69,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(settings: Settings, warnings: list[str]) -> int:
-    from processor.daemon import Daemon, StartupError
+    from processor.daemon import StartupError
     from processor.effects.logs import configure_logging, get_logger
 
     configure_logging(settings.log_level, settings.log_format.value)
     log = get_logger("main")
     for w in warnings:
         log.warning("configuration_warning", message=w)
-    try:
-        if settings.state_backend.value == "redis":
-            from processor.effects.redis_state import run_with_redis
+    from processor import wiring
 
-            return trio.run(run_with_redis, settings)
-        return trio.run(Daemon(settings).run)
+    restore = wiring.install_fallback_handlers()
+    try:
+        return trio.run(wiring.run, settings)
     except StartupError as exc:
         log.error("startup_failed", error=str(exc))
         return EXIT_FAIL
+    finally:
+        restore()
 
 
 # --- check --------------------------------------------------------------------------

@@ -536,24 +536,6 @@ def build_limiters(settings: Settings, shared: RedisShared, metrics: Metrics | N
     return one(settings.rate_limits, "global"), one(settings.openai_rate_limits, "openai")
 
 
-async def run_with_redis(settings: Settings) -> int:
-    from processor.daemon import Daemon
-
-    client = make_client(settings)
-    async with client:
-        metrics = Metrics()
-        shared = RedisShared(client, prefix=settings.redis_key_prefix, metrics=metrics)
-        limiter, openai_limiter = build_limiters(settings, shared, metrics)
-        leases = RedisLeases(shared, ttl=settings.lease_ttl_seconds)
-        daemon = Daemon(settings, metrics=metrics, limiter=limiter, openai_limiter=openai_limiter, leases=leases)
-        async with trio.open_nursery() as n:
-            n.start_soon(leases.renew_forever)
-            n.start_soon(shared.watch)
-            code = await daemon.run()
-            n.cancel_scope.cancel()
-        return code
-
-
 async def print_redis_limits(settings: Settings) -> int:
     client = make_client(settings)
     async with client:
