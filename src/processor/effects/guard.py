@@ -14,6 +14,8 @@ from processor.effects.metrics import Metrics
 from processor.pure import breaker as br
 from processor.pure import retry as rt
 
+PROBE_CLAIM_HOLD = 30.0  # seconds one probe group holds the claim slot of a recovering backend
+
 
 class BreakerOpen(Exception):
     """The dependency's breaker is open; no call was made. `retry_at` is trio time."""
@@ -40,6 +42,7 @@ class Guard:
         self.rng = rng or random.Random()
         self._metrics = metrics
         self._changed = trio.Event()
+        self._probe_claimed_at: float | None = None
         self._publish()
 
     # -- breaker ---------------------------------------------------------------------
@@ -58,6 +61,7 @@ class Guard:
         before = self.state.state
         self.state = br.record(self.cfg, self.state, trio.current_time(), outcome)
         if self.state.state is not before:
+            self._probe_claimed_at = None
             self._changed.set()
             self._changed = trio.Event()
             self._publish()
@@ -68,9 +72,25 @@ class Guard:
     def force_open(self) -> None:
         """A whole-backend error (bad key, quota): open as if the threshold was reached."""
         self.state = br.trip(self.state, trio.current_time())
+        self._probe_claimed_at = None
         self._changed.set()
         self._changed = trio.Event()
         self._publish()
+
+    def claim_slot(self) -> bool:
+        """May the intake claim work for this dependency now? Closed: yes. Open: not before
+        the wait is over; then one group (the probe's) until the breaker closes or re-opens,
+        so that a half-open backend is never fed more claims than it may be sent."""
+        if self.state.state is br.State.CLOSED:
+            self._probe_claimed_at = None
+            return True
+        now = trio.current_time()
+        if self.blocked_until() is not None:
+            return False
+        if self._probe_claimed_at is not None and now - self._probe_claimed_at < PROBE_CLAIM_HOLD:
+            return False  # the probe's group is on its way (or was let go: then again after a while)
+        self._probe_claimed_at = now
+        return True
 
     def blocked_until(self) -> float | None:
         """Trio time until which the breaker refuses every call (None: not refusing now)."""

@@ -62,12 +62,16 @@ async def claimer(rt: Runtime, intake: trio.MemoryReceiveChannel[Work], claimed:
 
 
 async def _leave_down_backends(rt: Runtime, group: list[Work]) -> list[Work]:
-    """Tasks for a backend whose breaker refuses calls stay pending (not claimed)."""
+    """Tasks for a backend whose breaker refuses calls stay pending (not claimed); a
+    half-open backend gets one group, the probe's."""
     keep: list[Work] = []
     down: list[Work] = []
+    slot: dict[Backend, bool] = {}
     for w in group:
         guard = rt.backend_guards.get(w.backend)
-        (down if guard is not None and guard.blocked_until() is not None else keep).append(w)
+        if guard is not None and w.backend not in slot:
+            slot[w.backend] = guard.claim_slot()
+        (keep if guard is None or slot[w.backend] else down).append(w)
     if down:
         await rt.book.drop([w.id for w in down])
     return keep
