@@ -40,7 +40,7 @@ from processor.effects.metrics import Metrics
 from processor.effects.store import JournalStore
 from processor.kinds import registry
 from processor.kinds.base import Work
-from processor.pure import lifecycle
+from processor.pure import lifecycle, readiness
 from processor.pure.breaker import BreakerConfig
 from processor.pure.lifecycle import Phase
 from processor.pure.tasks import Backend, Routing
@@ -141,6 +141,7 @@ class Daemon:
     ) -> None:
         self.s = settings
         self.metrics = metrics or Metrics()
+        self.metrics.ready.set_function(self._ready_value)  # computed at scrape time from the pure rule
         self.log = get_logger("daemon")
         self._clock = clock
         self._rng = rng or random.Random()
@@ -197,38 +198,36 @@ class Daemon:
             return []
         return [rt.api.guard, rt.tokens.guard, *rt.backend_guards.values()]
 
-    def not_ready_reasons(self) -> list[str]:
+    def facts(self) -> readiness.Facts:
+        """What readiness is decided from (gathered here; decided by `pure.readiness`)."""
         rt = self.rt
         if rt is None:
-            return ["starting"]
-        reasons = []
-        if self.shutting_down:
-            reasons.append("shutting down")
-        if not rt.tokens.has_token:
-            reasons.append(f"no access token ({rt.tokens.last_error or 'not obtained yet'})")
-        window = max(3 * self.s.polling_interval_seconds, 90.0)
+            return readiness.Facts(started=False)
         last = rt.api.last_success
-        if last is None or trio.current_time() - last > window:
-            reasons.append(f"task API has not answered within {window:g}s")
-        if rt.api.guard.is_open:
-            reasons.append("task API circuit breaker open")
-        for b, g in rt.backend_guards.items():
-            if g.is_open:
-                reasons.append(f"{b.value} backend circuit breaker open" + (f": {rt.backend_down[b]}" if b in rt.backend_down else ""))
-        for b, msg in rt.quota_exhausted.items():
-            reasons.append(f"{b.value} quota exhausted: {msg}")
-        for b, adapter in rt.backends.items():
-            down = getattr(adapter, "down", None)  # a backend that did not answer its last call
-            if down and not (rt.backend_guards[b].is_open and rt.backend_down.get(b) == down):
-                reasons.append(f"{b.value} backend: {down}")
         limiter_ok, err = rt.limiter.healthy
-        if not limiter_ok or not rt.journal.db.writable:
-            reasons.append(f"state store not writable: {err or rt.journal.db.last_error}")
-        redis_err = getattr(self._leases, "unavailable", None)
-        if redis_err:
-            reasons.append(f"redis unavailable: {redis_err}")
-        self.metrics.ready.set(0 if reasons else 1)
-        return reasons
+        backends = tuple(
+            readiness.BackendFacts(
+                b.value, breaker_open=rt.backend_guards[b].is_open, unusable=rt.backend_down.get(b),
+                quota=rt.quota_exhausted.get(b), down=getattr(adapter, "down", None) or None,
+            )
+            for b, adapter in rt.backends.items()
+        )
+        return readiness.Facts(
+            shutting_down=self.shutting_down, token=rt.tokens.has_token, token_error=rt.tokens.last_error,
+            api_answered_ago=None if last is None else trio.current_time() - last,
+            api_window=max(3 * self.s.polling_interval_seconds, 90.0), api_breaker_open=rt.api.guard.is_open,
+            backends=backends, store_ok=limiter_ok and rt.journal.db.writable,
+            store_error=err or rt.journal.db.last_error, redis_error=getattr(self._leases, "unavailable", None) or None,
+        )
+
+    def not_ready_reasons(self) -> list[str]:
+        return readiness.reasons(self.facts())
+
+    def _ready_value(self) -> float:
+        try:
+            return 0.0 if self.not_ready_reasons() else 1.0
+        except RuntimeError:  # a scrape outside the Trio run (no clock): not ready
+            return 0.0
 
     # -- run -------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -335,7 +334,6 @@ class Daemon:
             await self._stop_requested.wait()
             self.shutting_down = True
             rt.stopping.set()
-            self.metrics.ready.set(0)
             self.log.info("shutdown_started", grace_seconds=self._grace, in_flight=len(rt.book))
             with trio.move_on_after(self._grace):
                 await pipeline_done.wait()
