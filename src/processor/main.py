@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "is done, print a summary.")
     dm.add_argument("--tasks", type=int, default=200)
     dm.add_argument("--malformed", action="store_true", help="also seed one malformed entry of each kind")
+    dm.add_argument("--claims", type=int, default=3, help="claims then run through the whole triage chain (0: skip)")
     sub.add_parser("limits", help="print rate-limit usage from the store", description="Print each tier's usage from the store without starting the daemon.")
     return p
 
@@ -226,7 +227,12 @@ def _demo(args: argparse.Namespace) -> int:
     from processor.effects.logs import configure_logging
 
     configure_logging(os.environ.get("LOG_LEVEL", "WARNING"), os.environ.get("LOG_FORMAT", "console"), stream=sys.stderr)
-    return trio.run(_demo_async, args.tasks, args.malformed)
+    code = trio.run(_demo_async, args.tasks, args.malformed)
+    if args.claims and code == EXIT_OK:
+        from processor.triage_demo import demo_chain
+
+        code = trio.run(demo_chain, args.claims)
+    return code
 
 
 async def _demo_async(n_tasks: int, malformed: bool) -> int:
