@@ -120,11 +120,13 @@ class TriageKind:
             ids, degraded = await ports.wikidata.resolve(names, people=people)
             wikidata = degraded or "ok"
         result = tr.build_result(verdict, ids, language=self._language)
-        return Computed(work.id, result, {
+        meta = {
             "model": answer.model, "requested_model": work.requested_model or claim.model, "backend": work.backend.value,
             "template": self.template.version, "prompt_tokens": answer.prompt_tokens,
             "completion_tokens": answer.completion_tokens, "wikidata": wikidata,
-        })
+        }
+        self._log.info("triage_computed", task_id=work.id, **meta)
+        return Computed(work.id, result, meta)
 
     def _bad(self, metrics: Any, kind: str, reason: str) -> None:
         if metrics is not None:
@@ -145,9 +147,12 @@ class TriageKind:
 def make_kind(task_type: tr.TriageType, settings: Any) -> TriageKind:
     template, origin = load_template(task_type.value, getattr(settings, "prompts_dir", None))
     mode = getattr(settings, "processing_mode", "mock")
+    model_map = getattr(settings, "model_map", {})
+    get_logger("triage").info("triage_kind_ready", task_type=task_type.value, template=template.version, origin=origin,
+                              model_map=model_map or None)
     return TriageKind(
         task_type, template=template, template_origin=origin, mode=getattr(mode, "value", str(mode)),
-        language=getattr(settings, "output_language", "pt"), model_map=getattr(settings, "model_map", {}),
+        language=getattr(settings, "output_language", "pt"), model_map=model_map,
     )
 
 
