@@ -129,13 +129,14 @@ async def test_a_model_nobody_serves_stays_pending_and_is_named_in_health(world,
 
 @pytest.mark.parametrize("mode", ["down", "slow", "maxlag"])
 async def test_wikidata_trouble_sends_results_without_ids(world, tmp_path, mode):
-    world.wikidata.mode, world.wikidata.slow_seconds, world.wikidata.maxlag_count = mode, 30, 3
-    settings = settings_for(world, tmp_path, "openai", WIKIDATA_TIMEOUT_SECONDS="2")
+    world.wikidata.mode, world.wikidata.slow_seconds, world.wikidata.maxlag_count = mode, 30, 2
+    settings = settings_for(world, tmp_path, "openai", WIKIDATA_TIMEOUT_SECONDS="10" if mode == "maxlag" else "2")
     await run_chain(world, settings, 3)
     assert failed(world) == [] and sum(world.chain.refused.values()) == 0
     people = [p for t in world.chain.targets.values() for p in t.results["identifiedData"]["personalities"]]
-    if mode == "maxlag":  # waited Retry-After, then answered: ids are there
-        assert all("wikidata" in p for p in people)
+    if mode == "maxlag":  # waited Retry-After (twice), then answered: ids are there
+        assert people and all("wikidata" in p for p in people)
+        assert world.wikidata.maxlag_count == 0 and world.wikidata.max_in_flight == 1
     else:
         assert people and all("wikidata" not in p for p in people)
 

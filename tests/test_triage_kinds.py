@@ -108,14 +108,19 @@ async def test_hybrid_routes_by_model_name(fakes, tmp_path):
 
 @pytest.mark.parametrize("bad", ["invalid_json", "refusal", "cutoff", "out_of_enum", "wrong_type", "empty_list"])
 @pytest.mark.parametrize("mode", ["openai", "ollama"])
-async def test_every_bad_answer_is_returned_as_bad_answer_for_the_task(fakes, tmp_path, bad, mode):
+async def test_every_bad_answer_is_asked_again_then_returned_as_bad_answer(fakes, tmp_path, bad, mode):
     chat, *_ = fakes
-    chat.script = [bad]
-    settings = settings_for(mode, fakes, tmp_path, MODEL_MAP="o3=qwen3:4b" if mode == "ollama" else "")
-    out, _, registry_ = await run(kinds_for(settings)["defining_topics"], settings, CONTENT["defining_topics"])
+    settings = settings_for(mode, fakes, tmp_path, MODEL_MAP="o3=qwen3:4b" if mode == "ollama" else "", CHAT_BAD_ANSWER_RETRIES=2)
+    kind = kinds_for(settings)["defining_topics"]
+    chat.script = [bad]  # one bad answer: asked again at once
+    out, _, registry_ = await run(kind, settings, CONTENT["defining_topics"])
+    assert isinstance(out, Computed) and chat.answers == {bad: 1, "good": 1}
+    chat.script = [bad] * 3  # 1 + CHAT_BAD_ANSWER_RETRIES bad answers: this task's BAD_ANSWER
+    out, _, registry_ = await run(kind, settings, CONTENT["defining_topics"])
     assert isinstance(out, ChatError) and out.fault is Fault.BAD_ANSWER
+    assert chat.answers == {bad: 4, "good": 1}
     assert sum(registry_.get_sample_value("chat_bad_answers_total", {"task_type": "defining_topics", "reason": r}) or 0
-               for r in ("unusable", "invalid")) == 1
+               for r in ("unusable", "invalid")) == 3
 
 
 @pytest.mark.parametrize(("outcome", "fault"), [("503", Fault.BUSY), ("429", Fault.RATE_LIMITED), ("500", Fault.SERVER)])

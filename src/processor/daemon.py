@@ -30,6 +30,7 @@ from processor.effects.asgi import serve_asgi
 from processor.effects.auth import TokenProvider
 from processor.effects.backends.base import EmbeddingBackend
 from processor.effects.backends.mock import MockBackend
+from processor.effects.chat.build import build_chat_ports
 from processor.effects.guard import Guard
 from processor.effects.health import HealthApp
 from processor.effects.http import build_client
@@ -138,7 +139,9 @@ class Daemon:
         rng: random.Random | None = None,
         handle_signals: bool = True,
         serve_health: bool = True,
+        redis_client: Any = None,  # STATE_BACKEND=redis: shares the Wikidata cache and turn
     ) -> None:
+        self._redis_client = redis_client
         self.s = settings
         self.metrics = metrics or Metrics()
         self.metrics.ready.set_function(self._ready_value)  # computed at scrape time from the pure rule
@@ -303,10 +306,11 @@ class Daemon:
                 kinds = registry.load(s, getattr(s, "task_types", None) or None)
             except registry.RegistryError as exc:
                 raise StartupError(str(exc)) from None
+            chat, wikidata = build_chat_ports(s, self.metrics, kinds, redis_client=self._redis_client)
             rt = Runtime(
                 s, metrics=self.metrics, api=api, tokens=tokens, backends=backends, backend_guards=guards,
                 limiter=limiter, openai_limiter=openai_limiter, journal=journal, leases=leases,
-                routing=routing_for(s), kinds=kinds, rng=self._rng, wall=self._clock,
+                routing=routing_for(s), kinds=kinds, rng=self._rng, wall=self._clock, chat=chat, wikidata=wikidata,
             )
             self.rt = rt
             self.metrics.watch(rt)  # scrape-time gauges, bounded model label, series at zero
@@ -324,6 +328,8 @@ class Daemon:
                 with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
                     for adapter in backends.values():
                         await adapter.aclose()
+                    for closable in [*chat.values(), *([wikidata] if wikidata is not None else [])]:
+                        await closable.aclose()
                 journal.db.close()
 
     async def _pipeline(self, rt: Runtime) -> None:

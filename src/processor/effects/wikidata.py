@@ -423,7 +423,8 @@ def build_wikidata(settings: Any, metrics: ChatMetrics, *, redis_client: Any = N
     """The enricher the settings ask for: None when WIKIDATA_ENABLED is false, the mock in
     mock mode (unless WIKIDATA_API_URL is set to another endpoint), else the real adapter
     with a SQLite cache in STATE_DIR or, with STATE_BACKEND=redis, a Redis cache and lock on
-    `redis_client` (a coredis client the caller has entered: `async with client:`)."""
+    `redis_client` (a coredis client the caller has entered: `async with client:`; without
+    one, the SQLite cache, with a warning)."""
     if not settings.wikidata_enabled:
         return None
     from processor.config import PROJECT_URL, WIKIDATA_API_URL, Mode, StateBackend
@@ -436,9 +437,10 @@ def build_wikidata(settings: Any, metrics: ChatMetrics, *, redis_client: Any = N
             message="WIKIDATA_CONTACT is not set: Wikimedia's policy asks for a way to reach the operator "
                     "(an e-mail address or a URL) in the User-Agent")
     cache: Cache
-    if settings.state_backend is StateBackend.REDIS:
-        if redis_client is None:  # the composition root owns the (entered) coredis client
-            raise ValueError("STATE_BACKEND=redis: build_wikidata needs the process's Redis client")
+    if settings.state_backend is StateBackend.REDIS and redis_client is None:
+        get_logger("wikidata").warning("wikidata_cache_not_shared", why="no Redis client was handed over",
+                                       cache=str(Path(settings.state_dir) / "wikidata.db"))
+    if settings.state_backend is StateBackend.REDIS and redis_client is not None:
         cache = RedisCache(redis_client, prefix=settings.redis_key_prefix)
         turn = Turn(redis_client, prefix=settings.redis_key_prefix)
     else:

@@ -8,8 +8,10 @@ What a stage can rely on:
   applied): `mock` mode the mock; `openai` OpenAI; `ollama` Ollama, whatever the name
   (SUPPORTED_MODELS is for embeddings); `hybrid` OpenAI's names to OpenAI, others to Ollama.
 - `group_key` is the task's id: every task is its own call (`max_group` 1).
-- `compute` returns a `Computed` or a `ChatError` with `Fault.BAD_ANSWER` for this task
-  (refused, cut off, not JSON, or outside what the callback accepts). Every other fault of
+- `compute` returns a `Computed` or, once CHAT_BAD_ANSWER_RETRIES more answers were bad
+  too, a `ChatError` with `Fault.BAD_ANSWER` for this task (refused, cut off, not JSON, or
+  outside what the callback accepts): the stage hands it back for later, counting an
+  attempt (failed only past MAX_TASK_ATTEMPTS). Every other fault of
   the call (AUTH, QUOTA, RATE_LIMITED, BUSY, SERVER, TIMEOUT, UNREACHABLE, MALFORMED,
   MODEL_MISSING, PARAMETER) is raised as the adapter classified it. Wikidata never makes a
   task fail: when it is down or slow the result goes out without ids (`meta["wikidata"]`
@@ -42,8 +44,9 @@ class TriageKind:
 
     def __init__(
         self, task_type: tr.TriageType, *, template: tr.Template, mode: str, language: str = "pt",
-        model_map: Mapping[str, str] | None = None, template_origin: str = "package",
+        model_map: Mapping[str, str] | None = None, template_origin: str = "package", bad_answer_retries: int = 2,
     ) -> None:
+        self._bad_answer_retries = bad_answer_retries
         self.triage_type = task_type
         self.type = task_type.value
         self.template = template
@@ -96,23 +99,32 @@ class TriageKind:
         if work.requested_model and work.requested_model != work.model and metrics is not None:
             metrics.model_mapped.labels(work.requested_model, work.model).inc()
         claim, request = self.request(work)
-        try:
-            if timeout is not None:
-                with trio.fail_after(timeout):
+        bad: ChatError | None = None
+        for _ in range(1 + self._bad_answer_retries):  # a bad answer is asked again at once, bounded
+            try:
+                if timeout is not None:
+                    with trio.fail_after(timeout):
+                        answer = await chat.complete(request)
+                else:
                     answer = await chat.complete(request)
-            else:
-                answer = await chat.complete(request)
-        except trio.TooSlowError:
-            raise ChatError(f"{work.backend.value}/{work.model}: no answer within {timeout:g}s", Fault.TIMEOUT) from None
-        except ChatError as exc:
-            if exc.fault is not Fault.BAD_ANSWER:
-                raise
-            self._bad(metrics, "unusable", str(exc))
-            return exc
-        verdict = tr.validate_answer(claim, answer.content_json)
-        if isinstance(verdict, tr.BadAnswer):
-            self._bad(metrics, "invalid", verdict.reason)
-            return ChatError(f"{work.backend.value}/{work.model}: {verdict.reason}", Fault.BAD_ANSWER)
+            except trio.TooSlowError:
+                raise ChatError(f"{work.backend.value}/{work.model}: no answer within {timeout:g}s", Fault.TIMEOUT) from None
+            except ChatError as exc:
+                if exc.fault is not Fault.BAD_ANSWER:
+                    raise
+                self._bad(metrics, "unusable", str(exc))
+                bad = exc
+                continue
+            verdict = tr.validate_answer(claim, answer.content_json)
+            if isinstance(verdict, tr.BadAnswer):
+                self._bad(metrics, "invalid", verdict.reason)
+                bad = ChatError(f"{work.backend.value}/{work.model}: {verdict.reason}", Fault.BAD_ANSWER)
+                continue
+            return await self._result(ports, work, claim, answer, verdict)
+        assert bad is not None
+        return bad  # for this task alone: the stage hands it back for later (a persisted attempt)
+
+    async def _result(self, ports: KindPorts, work: Work, claim: tr.Claim, answer: Any, verdict: tr.Answer) -> Computed:
         names, people = tr.lookups(verdict)
         ids: dict[str, Any] = {}
         wikidata = "none" if not names else "off"
@@ -153,6 +165,7 @@ def make_kind(task_type: tr.TriageType, settings: Any) -> TriageKind:
     return TriageKind(
         task_type, template=template, template_origin=origin, mode=getattr(mode, "value", str(mode)),
         language=getattr(settings, "output_language", "pt"), model_map=model_map,
+        bad_answer_retries=getattr(settings, "chat_bad_answer_retries", 2),
     )
 
 

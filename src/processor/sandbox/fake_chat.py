@@ -65,6 +65,16 @@ class FakeChatState:
                 "max_in_flight": self.max_in_flight, "pulled": sorted(self.pulled)}
 
 
+_LABELS = {("personalities",): "identifying_data", ("topics",): "defining_topics",
+           ("description", "name"): "defining_impact_area", ("severity",): "defining_severity"}
+
+
+def schema_label(schema: Any) -> str:
+    """Which triage type an answer schema belongs to (Ollama requests carry no schema name)."""
+    props = tuple(sorted(schema.get("properties", {}))) if isinstance(schema, dict) else ()
+    return _LABELS.get(props, "+".join(props) or "?")
+
+
 def strict_problem(schema: Any, path: str = "$") -> str | None:
     """Why OpenAI's strict mode would refuse `schema` (None: it would accept it)."""
     if not isinstance(schema, dict):
@@ -228,6 +238,7 @@ class FakeChat:
                                               if outcome == "503" else f"injected {outcome}"})
             return
         st.answers[outcome] += 1
+        st.by_task_type[schema_label(schema)] += 1
         good = mock_answer(schema, claim_text(_user(req)))
         done_reason = "stop"
         if outcome == "good":

@@ -4,6 +4,8 @@ there is room. A task whose content is defective goes straight to the reporter a
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import trio
 
@@ -11,7 +13,7 @@ from processor.effects.api import ApiError
 from processor.kinds.base import Defect, Work
 from processor.pure import pacing
 from processor.pure.lifecycle import Outcome
-from processor.pure.tasks import Rejected, RejectReason, Skipped, Task, parse_entry
+from processor.pure.tasks import TEXT_EMBEDDING, Rejected, RejectReason, Skipped, Task, parse_created_at, parse_entry
 from processor.runtime import Runtime
 
 LOG_ONCE_MAX = 10_000
@@ -72,6 +74,29 @@ def _work(rt: Runtime, raw: object, task: Task) -> Work | Defect:
     return Work(task.id, "text_embedding", task.text, task.model, task.backend, created_at=task.created_at)
 
 
+_EMBEDDING = (TEXT_EMBEDDING,)
+
+
+def kind_entry(rt: Runtime, raw: dict[str, Any], task_id: str, task_type: str) -> Work | Rejected:
+    """A task of a kind other than embeddings: the kind parses its content and, when it can
+    (`route`), says which backend and model serve it; else the embedding routing applies."""
+    kind = rt.kinds[task_type]
+    content = kind.parse(raw.get("content"))
+    if isinstance(content, Defect):
+        return Rejected(task_id, RejectReason.INVALID_CONTENT, content.detail)
+    route = getattr(kind, "route", None)
+    if route is not None:
+        backend, model = route(content)
+    else:
+        model = content.model or rt.routing.default_model
+        found = rt.routing.backend_for(model)
+        if found is None:
+            return Rejected(task_id, RejectReason.UNSUPPORTED_MODEL, f"model {model[:100]!r} is not served in this mode")
+        backend = found
+    return Work(task_id, task_type, content.text, model, backend, content.params, parse_created_at(raw.get("createdAt")),
+                requested_model=content.model if content.model and content.model != model else None)
+
+
 async def poll_once(
     rt: Runtime,
     intake: trio.MemorySendChannel[Work],
@@ -85,13 +110,15 @@ async def poll_once(
     async with rt.api.pending() as entries:
         async for raw in entries:
             seen += 1
-            parsed = parse_entry(raw, rt.routing)
-            if isinstance(parsed, Task):
+            parsed: Task | Work | Rejected | Skipped = parse_entry(raw, rt.routing, _EMBEDDING if TEXT_EMBEDDING in rt.kinds else ())
+            if isinstance(parsed, Skipped) and parsed.id is not None and parsed.type in rt.kinds:
+                parsed = kind_entry(rt, raw, parsed.id, parsed.type)  # another kind: it parses its own content
+            if isinstance(parsed, Task | Work):
                 if rt.book.known(parsed.id):
                     continue
                 if room <= 0 or rt.stopping.is_set():
                     break  # stop reading: memory stays bounded whatever the list's size
-                work = _work(rt, raw, parsed)
+                work = _work(rt, raw, parsed) if isinstance(parsed, Task) else parsed
                 if isinstance(work, Defect):
                     parsed = Rejected(parsed.id, RejectReason.INVALID_CONTENT, work.detail)
                 elif (why := rt.model_unusable(work.model)) is not None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from processor.effects.chat.base import ChatBackend
 from processor.effects.chat.metrics import chat_metrics
+from processor.pure.faults import Dependency
 from processor.pure.tasks import Backend
 
 
@@ -37,3 +39,13 @@ def build_chat_backends(settings: Any, metrics: Any) -> dict[Backend, ChatBacken
             max_tokens=settings.chat_max_tokens, metrics=cm,
         )
     return out
+
+
+def build_chat_ports(settings: Any, metrics: Any, kinds: Mapping[str, Any], *, redis_client: Any = None) -> tuple[dict[Backend, ChatBackend], Any]:
+    """The chat adapters and the Wikidata enricher, when a kind this worker runs needs them
+    (else none: an embeddings-only worker opens no chat client)."""
+    if not any(getattr(k, "dependency", None) is Dependency.CHAT for k in kinds.values()):
+        return {}, None
+    from processor.effects.wikidata import build_wikidata
+
+    return build_chat_backends(settings, metrics), build_wikidata(settings, chat_metrics(metrics), redis_client=redis_client)
