@@ -153,6 +153,7 @@ async def test_worker_runs_only_the_types_it_is_told(world, tmp_path):
     assert failed(world) == []
 
 
+@pytest.mark.slow
 async def test_100_claims_at_default_polling_and_concurrency(world, tmp_path):
     """Done-when: 100 claims through the whole chain, chat answers taking 800 ms, default
     POLLING_INTERVAL_SECONDS and CONCURRENCY_LIMIT: 0 failed, 0 refused, within 300 s."""
@@ -163,6 +164,7 @@ async def test_100_claims_at_default_polling_and_concurrency(world, tmp_path):
     assert failed(world) == [] and sum(world.chain.refused.values()) == 0 and world.chain.complete() == 100
 
 
+@pytest.mark.slow
 async def test_100_claims_with_30_percent_bad_answers(world, tmp_path):
     world.chat.latency, world.chat.bad_rate = 0.8, 0.3
     settings = load_settings(_env_of(world, tmp_path), dotenv_path=None)[0]
