@@ -175,3 +175,20 @@ async def test_mock_wikidata_is_stable():
     a, _ = await wd.resolve(["João Silva"], people=True)
     b, _ = await wd.resolve(["joão silva"], people=True)
     assert a["João Silva"].id == b["joão silva"].id and a["João Silva"].id.startswith("Q")
+
+
+async def test_cache_file_is_private_and_a_broken_one_never_stops_the_start(fake, tmp_path):
+    import os
+
+    state, url = fake
+    wd = adapter(url, tmp_path)
+    await wd.resolve(["Vacinação"], people=False)
+    await wd.aclose()
+    modes = {p.name: oct(os.stat(p).st_mode & 0o777) for p in tmp_path.glob("wikidata.db*")}
+    assert modes and all(m == "0o600" for m in modes.values()), modes
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "wikidata.db").mkdir()  # not a file: unusable
+    wd = adapter(url, tmp_path, cache=SqliteCache(tmp_path / "bad" / "wikidata.db"))
+    found, why = await wd.resolve(["Vacinação", "Vacinação"], people=False)
+    await wd.aclose()
+    assert why is None and found["Vacinação"] is not None

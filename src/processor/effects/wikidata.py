@@ -31,6 +31,7 @@ import processor
 from processor.effects.chat.metrics import ChatMetrics
 from processor.effects.guard import BreakerOpen, Guard
 from processor.effects.logs import get_logger
+from processor.effects.store import secure_state_file
 from processor.pure import wikidata as wd
 from processor.pure.breaker import BreakerConfig, Outcome
 from processor.pure.faults import Dependency, DependencyError, Fault
@@ -65,12 +66,22 @@ class SqliteCache:
     """Answers by key in a SQLite file, each with an expiry (wall time)."""
 
     def __init__(self, path: str | Path, *, clock: Any = time.time) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("CREATE TABLE IF NOT EXISTS wikidata_cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL NOT NULL)")
+        self._log = get_logger("wikidata")
+        try:
+            secure_state_file(Path(path))  # 0600 like every state file (its -wal/-shm follow)
+            self._conn = self._open(str(path))
+        except (sqlite3.Error, OSError) as exc:  # a cache is never worth a failed start
+            self._log.error("wikidata_cache_unusable", path=str(path), error=str(exc), action="caching in memory only")
+            self._conn = self._open(":memory:")
         self._limiter = trio.CapacityLimiter(1)
         self._clock = clock
+
+    @staticmethod
+    def _open(path: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS wikidata_cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL NOT NULL)")
+        return conn
 
     def _get(self, keys: Sequence[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -97,11 +108,18 @@ class SqliteCache:
     async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
         if not keys:
             return {}
-        return await trio.to_thread.run_sync(self._get, keys, limiter=self._limiter)
+        try:
+            return await trio.to_thread.run_sync(self._get, keys, limiter=self._limiter)
+        except (sqlite3.Error, ValueError) as exc:  # unreadable: a miss
+            self._log.warning("wikidata_cache_unavailable", error=type(exc).__name__)
+            return {}
 
     async def put_many(self, items: Mapping[str, Any], ttl: float) -> None:
         if items and ttl > 0:
-            await trio.to_thread.run_sync(self._put, items, ttl, limiter=self._limiter)
+            try:
+                await trio.to_thread.run_sync(self._put, items, ttl, limiter=self._limiter)
+            except sqlite3.Error as exc:  # disk full, read-only: the next lookup asks Wikidata again
+                self._log.warning("wikidata_cache_unavailable", error=type(exc).__name__)
 
     async def aclose(self) -> None:
         self._conn.close()
