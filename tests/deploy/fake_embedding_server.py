@@ -1,10 +1,11 @@
 """Stand-in for OpenAI's and Ollama's embedding servers (the outside world), with a fault
 switch: `python tests/deploy/fake_embedding_server.py --port P`, then
-`POST /_fault {"openai": "quota" | "down" | null, "ollama": "down" | null}`.
+`POST /_fault {"openai": "quota" | "down" | "busy" | null, "ollama": "down" | "busy" | null}`.
 
 Serves `processor.sandbox.fake_backends.FakeEmbeddings` (deterministic vectors, token
 usage) and, while a fault is set, answers that backend's embedding calls with OpenAI's 429
-`insufficient_quota` or a 503.
+`insufficient_quota` (quota), a 503 (busy: the server is up and asks for less), or breaks
+the connection (down: what a crashed or unreachable server looks like to a client).
 """
 
 from __future__ import annotations
@@ -46,8 +47,14 @@ class FaultyEmbeddings:
         fault = self.faults.get(which) if which else None
         if fault == "quota":
             await _reply(send, 429, QUOTA)
-        elif fault == "down":
+        elif fault == "busy":
             await _reply(send, 503, {"error": {"message": "injected: service unavailable", "type": "server_error"}})
+        elif fault == "down":
+            # hypercorn answers 500 for an app that fails before it starts a response: start
+            # one, then break the connection (the sandbox's `drop` fault does the same).
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4096")]})
+            await send({"type": "http.response.body", "body": b"{", "more_body": True})
+            raise ConnectionAbortedError("injected: connection dropped")
         else:
             await self.inner(scope, receive, send)
 
