@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from processor.board import Admission, BackendBoard
 from processor.book import Book
 from processor.config import Settings
 from processor.effects.api import ApiError, TaskApi
@@ -35,7 +36,6 @@ from processor.pure.policy import Action
 from processor.pure.tasks import Backend, Routing
 
 RELEASE_TIMEOUT = 3.0  # the shielded clean-up bound at shutdown
-MODEL_RECHECK = 60.0  # seconds before a model found unservable is tried again
 
 
 def api_fault(exc: ApiError) -> Fault:
@@ -106,14 +106,10 @@ class Runtime:
         self.metrics = metrics
         self.api = api
         self.tokens = tokens
-        self.backends = backends
-        self.backend_guards = backend_guards
-        self.budgets = {b: Budget() for b in backend_guards}
-        self.api_budget = Budget()
-        self.limiter = limiter
-        self.openai_limiter = openai_limiter
         self.journal = journal
-        self.leases = leases
+        self.board = BackendBoard(backends, backend_guards)
+        self.admission = Admission(limiter, openai_limiter, leases)
+        self.api_budget = Budget()
         self.routing = routing
         self.kinds: Mapping[str, TaskKind] = kinds if kinds is not None else {"text_embedding": EmbeddingKind()}
         self.ports = KindPorts(embedding=backends, chat=chat or {}, wikidata=wikidata)
@@ -121,37 +117,54 @@ class Runtime:
         self.wall = wall
         self.book = Book(capacity=settings.intake_capacity, journal=journal, leases=leases, api=api, metrics=metrics,
                          refund=self._refund, wall=wall)
-        self.backend_down: dict[Backend, str] = {}  # configuration / credentials: not ready until a probe works
-        self.quota_exhausted: dict[Backend, str] = {}
-        self.unusable_models: dict[str, tuple[str, float]] = {}  # model -> (why, trio time): not tried again for a while
-        self.unservable: dict[str, str] = {}  # model -> why tasks naming it were left pending (bounded)
-        self.last_success: dict[Backend, float] = {}  # trio time of each backend's last good answer
         self.stopping = trio.Event()
-        self.admission_paused_until = 0.0  # trio time; the limiter said nothing fits before
-        self.claim_failures = 0  # consecutive claim PATCHes that failed (back-off)
-        self.report_policy = schedule.RetryPolicy(
-            max_retries=1_000_000, base=0.5, factor=settings.retry_backoff_factor, cap=settings.retry_max_delay_seconds
-        )
         self.log = get_logger("daemon")
+
+    # read-only views for the daemon's health, metrics and tests
+    @property
+    def backends(self) -> dict[Backend, Any]:
+        return self.board.adapters
+
+    @property
+    def backend_guards(self) -> dict[Backend, Guard]:
+        return self.board.guards
+
+    @property
+    def backend_down(self) -> dict[Backend, str]:
+        return self.board.down
+
+    @property
+    def quota_exhausted(self) -> dict[Backend, str]:
+        return self.board.quota
+
+    @property
+    def unservable(self) -> dict[str, str]:
+        return self.board.unservable
+
+    @property
+    def limiter(self) -> Limiter:
+        return self.admission.limiter
+
+    @property
+    def openai_limiter(self) -> Limiter:
+        return self.admission.openai_limiter
+
+    @property
+    def leases(self) -> Leases:
+        return self.admission.leases
+
+    @property
+    def admission_paused_until(self) -> float:
+        return self.admission.paused_until
 
     def backoff(self, attempt: int) -> float:
         """Full-jitter delay before retry `attempt` (pure schedule, this process's draw)."""
-        return schedule.backoff(self.report_policy, attempt, self.rng.random())
+        policy = schedule.RetryPolicy(base=0.5, factor=self.s.retry_backoff_factor, cap=self.s.retry_max_delay_seconds)
+        return schedule.backoff(policy, attempt, self.rng.random())
 
     async def _refund(self, limiter: str, reservations: list[Any]) -> None:
-        lim = self.limiter if limiter == "global" else self.openai_limiter
+        lim = self.admission.limiter if limiter == "global" else self.admission.openai_limiter
         await lim.refund(reservations)
-
-    def model_unusable(self, model: str) -> str | None:
-        """Why `model` is not served now (None: try it). A verdict lasts MODEL_RECHECK seconds,
-        then one batch tries again (a model can be pulled, a server can come up)."""
-        entry = self.unusable_models.get(model)
-        if entry is None:
-            return None
-        if trio.current_time() - entry[1] >= MODEL_RECHECK:
-            del self.unusable_models[model]
-            return None
-        return entry[0]
 
     @property
     def outbox_size(self) -> int:
@@ -211,7 +224,7 @@ class Runtime:
     async def deliver(self, outcomes: Mapping[str, Outcome]) -> list[str]:
         """Results first go to the outbox (one transaction), then to the reporter. Tasks whose
         lease was lost are abandoned instead. Returns the ids to report."""
-        lost = self.leases.lost() & set(outcomes)
+        lost = self.admission.leases.lost() & set(outcomes)
         if lost:
             await self.book.abandon(sorted(lost))
         keep = {i: o for i, o in outcomes.items() if i not in lost and i in self.book.records}

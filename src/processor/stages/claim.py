@@ -68,7 +68,7 @@ async def _leave_down_backends(rt: Runtime, group: list[Work]) -> list[Work]:
     down: list[Work] = []
     slot: dict[Backend, bool] = {}
     for w in group:
-        guard = rt.backend_guards.get(w.backend)
+        guard = rt.board.guards.get(w.backend)
         if guard is not None and w.backend not in slot:
             slot[w.backend] = guard.claim_slot()
         (keep if guard is None or slot[w.backend] else down).append(w)
@@ -81,11 +81,11 @@ async def admit(rt: Runtime, group: list[Work], log: Any) -> list[Work]:
     """Leases, then the rate limits (global, then OpenAI's own caps). Returns what may go."""
     ids = [w.id for w in group]
     try:
-        leased = set(await rt.leases.acquire(ids))
+        leased = set(await rt.admission.leases.acquire(ids))
     except Exception as exc:  # leases cannot be taken (Redis down): claim nothing, fail closed
         log.warning("lease_acquire_failed", error=str(exc), action="not claiming; retrying")
         await rt.book.drop(ids)
-        _pause(rt, 2.0)
+        rt.admission.pause(2.0)
         return []
     await rt.book.drop([i for i in ids if i not in leased])
     group = [w for w in group if w.id in leased]
@@ -93,18 +93,18 @@ async def admit(rt: Runtime, group: list[Work], log: Any) -> list[Work]:
         return []
     charges: dict[str, tuple[Any, ...]] = {w.id: () for w in group}
     try:
-        decision = await rt.limiter.admit(len(group))
+        decision = await rt.admission.limiter.admit(len(group))
     except LimiterError as exc:  # the store cannot count: nothing goes through uncounted
         await _limiter_failed(rt, group, exc, log)
         return []
     admitted, refused = group[: decision.admitted], group[decision.admitted :]
     for w, r in zip(admitted, decision.reservations, strict=False):
         charges[w.id] = (("global", r),)
-    retry_at = decision.retry_at - rt.limiter.now() if decision.retry_at is not None else None
+    retry_at = decision.retry_at - rt.admission.limiter.now() if decision.retry_at is not None else None
     openai = [w for w in admitted if w.backend is Backend.OPENAI]
     if openai:
         try:
-            od = await rt.openai_limiter.admit(len(openai))
+            od = await rt.admission.openai_limiter.admit(len(openai))
         except LimiterError as exc:  # the same rule for OpenAI's own caps: claim nothing, retry later
             for w in group:
                 rt.book.fire([w.id], Event.RESERVE, charges=charges[w.id])
@@ -118,13 +118,13 @@ async def admit(rt: Runtime, group: list[Work], log: Any) -> list[Work]:
             refused += [w for w in admitted if w.id in over]
             admitted = [w for w in admitted if w.id not in over]
             if od.retry_at is not None:
-                _pause(rt, od.retry_at - rt.openai_limiter.now())
+                rt.admission.pause(od.retry_at - rt.admission.openai_limiter.now())
     for w in group:
         rt.book.fire([w.id], Event.RESERVE, charges=charges[w.id])
     if refused:
         await rt.book.move([w.id for w in refused], Event.NOT_ADMITTED)
         if retry_at is not None:
-            _pause(rt, retry_at)
+            rt.admission.pause(retry_at)
             log.info("rate_limited", admitted=len(admitted), refused=len(refused), resume_in=round(retry_at, 3))
     return admitted
 
@@ -133,11 +133,7 @@ async def _limiter_failed(rt: Runtime, group: list[Work], exc: LimiterError, log
     log.error("rate_limit_store_failed", kind=exc.kind.value, error=str(exc))
     if group:
         await rt.book.drop([w.id for w in group])
-    _pause(rt, 5.0)
-
-
-def _pause(rt: Runtime, seconds: float) -> None:
-    rt.admission_paused_until = max(rt.admission_paused_until, trio.current_time() + max(0.0, seconds))
+    rt.admission.pause(5.0)
 
 
 def _claim_retryable(rt: Runtime) -> Any:
@@ -167,7 +163,7 @@ async def claim_one(rt: Runtime, work: Work, claimed: trio.MemorySendChannel[Wor
             return
         await rt.book.move([work.id], Event.CLAIM_OK)
         rt.book.claimed_at[work.id] = trio.current_time()
-        rt.claim_failures = 0
+        rt.admission.claim_failures = 0
         rt.metrics.stage_tasks.labels("claimed").inc()
         if work.created_at is not None:
             rt.metrics.pickup_age.observe(max(0.0, rt.wall() - work.created_at))
@@ -186,6 +182,6 @@ async def _claim_failed(rt: Runtime, work: Work, exc: ApiError) -> None:
         if fault is Fault.NOT_FOUND:
             rt.book.recent[work.id] = trio.current_time()
     if fault is not Fault.NOT_FOUND:  # e.g. 403 on every claim: back off instead of re-polling at once
-        rt.claim_failures += 1
-        _pause(rt, rt.backoff(rt.claim_failures))
+        rt.admission.claim_failures += 1
+        rt.admission.pause(rt.backoff(rt.admission.claim_failures))
     rt.log.warning("claim_failed", task_id=work.id, status=exc.status, error=str(exc))

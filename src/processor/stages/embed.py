@@ -86,7 +86,7 @@ async def compute_batch(rt: Runtime, works: list[Work], results: trio.MemorySend
 
 async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results: trio.MemorySendChannel[list[str]]) -> None:
     backend, model = works[0].backend, works[0].model
-    guard = rt.backend_guards[backend]
+    guard = rt.board.guards[backend]
     log = rt.log.bind(component="compute", backend=backend.value, model=model, type=works[0].type)
     if not guard.allow():
         await rt.book.release([w.id for w in works], "backend_unavailable")
@@ -111,7 +111,7 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
     try:
         async for attempt in retrying(name=backend.value, on=on, attempts=_attempts(rt, backend),
                                       timeout=OPERATION_DEADLINE, factor=rt.s.retry_backoff_factor,
-                                      cap=rt.s.retry_max_delay_seconds, budget=rt.budgets[backend], rng=rt.rng):
+                                      cap=rt.s.retry_max_delay_seconds, budget=rt.board.budgets[backend], rng=rt.rng):
             with attempt:
                 answers = await kind.compute(rt.ports, works)
     except DependencyError as exc:
@@ -119,11 +119,8 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
         await carry_out(rt, kind, works, exc, results, started)
         return
     guard.record(BreakerOutcome.SUCCESS)
-    rt.last_success[backend] = trio.current_time()
-    rt.backend_down.pop(backend, None)
-    if rt.quota_exhausted.pop(backend, None) is not None:
+    if rt.board.succeeded(backend, model):
         rt.metrics.quota_exhausted.labels(backend.value).set(0)
-    rt.unusable_models.pop(model, None)
     rt.metrics.backend_requests.labels(backend.value, model, "success").inc()
     rt.metrics.batch_size.labels(backend.value).observe(len(works))
     done: dict[str, Outcome] = {}
@@ -160,29 +157,28 @@ async def carry_out(rt: Runtime, kind: TaskKind, works: list[Work], exc: Depende
     elif action is Action.FAIL_TASK:
         await send(rt, results, {i: Outcome.failure(str(exc)[:500]) for i in ids})
     elif action is Action.BACKEND_UNUSABLE:
-        guard = rt.backend_guards[backend]
+        guard = rt.board.guards[backend]
         guard.release_probe()
         guard.force_open()
         if exc.fault is Fault.QUOTA:
-            rt.quota_exhausted[backend] = str(exc)
+            rt.board.quota[backend] = str(exc)
             rt.metrics.quota_exhausted.labels(backend.value).set(1)
             log.critical("backend_quota_exhausted", error=str(exc), action="releasing claims; not ready until a probe succeeds")
         else:
-            rt.backend_down[backend] = str(exc)
+            rt.board.down[backend] = str(exc)
             log.error("backend_unusable", fault=exc.fault.value, error=str(exc),
                       action="releasing claims; not ready until a probe succeeds; no task failed")
         await rt.book.release(ids, "backend_down")
     elif action is Action.MODEL_UNUSABLE:
-        fallback = rt.s.fallback_models.get(model) if backend is Backend.OLLAMA and Backend.OPENAI in rt.backends else None
+        fallback = rt.s.fallback_models.get(model) if backend is Backend.OLLAMA and Backend.OPENAI in rt.board.adapters else None
         if fallback and works[0].type == "text_embedding":
             await fall_back(rt, kind, model, fallback, works, results, str(exc))
             return
-        rt.unusable_models[model] = (str(exc)[:300], trio.current_time())
-        rt.unservable[model if len(rt.unservable) < 50 or model in rt.unservable else "other"] = str(exc)[:300]
+        rt.board.mark_unservable(model, str(exc))
         log.error("model_unservable", error=str(exc), action="tasks left pending; another worker or a setting can serve them")
         await rt.book.release(ids, "model_unservable")
     elif action is Action.RETRY_LATER:
-        await retry_later(rt, works, exc, results, counts=r.counts_attempt and rt.last_success.get(backend, -1.0) > started)
+        await retry_later(rt, works, exc, results, counts=r.counts_attempt and rt.board.last_success.get(backend, -1.0) > started)
     else:  # RELEASE and anything else: hand back, never the tasks' fault
         log.warning("backend_gave_up", fault=exc.fault.value, error=str(exc), size=len(works))
         await rt.book.release(ids, "backend_unavailable" if exc.fault in (Fault.UNREACHABLE, Fault.BUSY) else "transient_failure")

@@ -23,7 +23,7 @@ def _idle_until(rt: Runtime) -> float | None:
     """Trio time until which polling would be pointless (API breaker open, every backend
     refusing), or None."""
     blocked = [rt.api.guard.blocked_until()]
-    guards = list(rt.backend_guards.values())
+    guards = list(rt.board.guards.values())
     if guards and all(g.blocked_until() for g in guards):
         blocked.append(min(g.blocked_until() or 0.0 for g in guards))
     return max((b for b in blocked if b), default=None)
@@ -36,8 +36,8 @@ async def poller(rt: Runtime, intake: trio.MemorySendChannel[Work], rejects: tri
     async with intake, rejects:
         while not rt.stopping.is_set():
             await rt.book.wait_for_room(rt.stopping)
-            if trio.current_time() < rt.admission_paused_until:
-                with trio.move_on_at(rt.admission_paused_until):
+            if rt.admission.paused:
+                with trio.move_on_at(rt.admission.paused_until):
                     await rt.stopping.wait()
                 continue
             if rt.stopping.is_set():
@@ -121,7 +121,7 @@ async def poll_once(
                 work = _work(rt, raw, parsed) if isinstance(parsed, Task) else parsed
                 if isinstance(work, Defect):
                     parsed = Rejected(parsed.id, RejectReason.INVALID_CONTENT, work.detail)
-                elif (why := rt.model_unusable(work.model)) is not None:
+                elif (why := rt.board.model_unusable(work.model)) is not None:
                     _unservable(rt, work.id, work.model, why, logged_once, log)
                     continue
                 else:
@@ -173,7 +173,6 @@ def _unservable(rt: Runtime, task_id: str, model: str, why: str, logged_once: se
     if key in logged_once or len(logged_once) >= LOG_ONCE_MAX:
         return
     logged_once.add(key)
-    label = model if len(rt.unservable) < 50 or model in rt.unservable else "other"
-    rt.unservable[label] = why[:300]
+    rt.board.mark_unservable(model, why, retry_later=False)
     rt.metrics.skipped.labels("unservable_model").inc()
     log.info("task_left_pending", task_id=task_id, model=model, why=why)  # type: ignore[attr-defined]

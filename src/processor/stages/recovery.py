@@ -78,7 +78,7 @@ def _recovered(rt: Runtime, claim: ClaimRow) -> None:
     if claim.dispatched or claim.reserved_at is None:
         rt.book.fire([claim.task_id], Event.RECOVERED_DISPATCHED)  # may have reached a backend: units stay spent
     else:
-        reservation = rt.limiter.reservation_at(claim.reserved_at)
+        reservation = rt.admission.limiter.reservation_at(claim.reserved_at)
         rt.book.fire([claim.task_id], Event.RECOVERED_CLAIM, charges=(("global", reservation),))
 
 
@@ -110,11 +110,11 @@ async def reclaim_once(rt: Runtime, *, older_than: float) -> int:
                 candidates.append(tid)  # type: ignore[arg-type]
     if not candidates:
         return 0
-    live = await rt.leases.live(candidates)
+    live = await rt.admission.leases.live(candidates)
     stale = [t for t in candidates if t not in live and rt.book.phase(t) is None]
     if not stale:
         return 0
-    taken = await rt.leases.acquire(stale)
+    taken = await rt.admission.leases.acquire(stale)
     released = 0
     for tid in taken:
         try:
@@ -122,7 +122,7 @@ async def reclaim_once(rt: Runtime, *, older_than: float) -> int:
             released += 1
         except ApiError as exc:
             log.warning("reclaim_failed", task_id=tid, error=str(exc))
-    await rt.leases.release(taken)
+    await rt.admission.leases.release(taken)
     if released:
         rt.metrics.released.labels("stale_claim").inc(released)
         log.warning("stale_claims_reclaimed", count=released, older_than=older_than)
