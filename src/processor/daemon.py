@@ -125,6 +125,37 @@ def build_backends(settings: Settings, metrics: Metrics) -> dict[Backend, Embedd
     return out
 
 
+@attrs.frozen
+class Parts:
+    """What a caller (tests, the Redis root) hands the daemon instead of the default build."""
+
+    backends: dict[Backend, EmbeddingBackend] | None = None
+    leases: Leases | None = None
+    limiter: Limiter | None = None
+    openai_limiter: Limiter | None = None
+    redis_client: Any = None  # STATE_BACKEND=redis: shares the Wikidata cache and turn
+    clock: Callable[[], float] = time.time
+    rng: random.Random = attrs.field(factory=random.Random)
+
+
+@attrs.define
+class ShutdownControl:
+    """The shutdown's state: requested, the grace left, and the scope a second signal cancels."""
+
+    grace: float
+    requested: trio.Event = attrs.field(factory=trio.Event)
+    started: trio.Event = attrs.field(factory=trio.Event)
+    shutting_down: bool = False
+    work_scope: trio.CancelScope | None = None
+
+    def stop(self, *, immediate: bool = False) -> None:
+        if immediate:
+            self.grace = 0.0
+            if self.work_scope is not None:
+                self.work_scope.cancel()
+        self.requested.set()
+
+
 class Daemon:
     def __init__(
         self,
@@ -141,35 +172,31 @@ class Daemon:
         serve_health: bool = True,
         redis_client: Any = None,  # STATE_BACKEND=redis: shares the Wikidata cache and turn
     ) -> None:
-        self._redis_client = redis_client
         self.s = settings
         self.metrics = metrics or Metrics()
         self.metrics.ready.set_function(self._ready_value)  # computed at scrape time from the pure rule
         self.log = get_logger("daemon")
-        self._clock = clock
-        self._rng = rng or random.Random()
-        self._backends = backends
-        self._leases = leases
-        self._limiter = limiter
-        self._openai_limiter = openai_limiter
+        self._parts = Parts(backends=backends, leases=leases, limiter=limiter, openai_limiter=openai_limiter,
+                            redis_client=redis_client, clock=clock, rng=rng or random.Random())
         self._handle_signals = handle_signals
         self._serve_health = serve_health
         self.rt: Runtime | None = None
         self.health_url: str | None = None
-        self._stop_requested = trio.Event()
-        self._grace = settings.shutdown_grace_seconds
-        self.started = trio.Event()
-        self.shutting_down = False
-        self._work_scope: trio.CancelScope | None = None
+        self.control = ShutdownControl(grace=settings.shutdown_grace_seconds)
+        self._health_stop = trio.Event()
+
+    @property
+    def started(self) -> trio.Event:
+        return self.control.started
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.control.shutting_down
 
     # -- control -------------------------------------------------------------------------
     def stop(self, *, immediate: bool = False) -> None:
         """Begin a graceful shutdown; `immediate` (a second signal) cuts the grace to zero."""
-        if immediate:
-            self._grace = 0.0
-            if self._work_scope is not None:
-                self._work_scope.cancel()
-        self._stop_requested.set()
+        self.control.stop(immediate=immediate)
 
     # -- health --------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -220,7 +247,7 @@ class Daemon:
             api_answered_ago=None if last is None else trio.current_time() - last,
             api_window=max(3 * self.s.polling_interval_seconds, 90.0), api_breaker_open=rt.api.guard.is_open,
             backends=backends, store_ok=limiter_ok and rt.journal.db.writable,
-            store_error=err or rt.journal.db.last_error, redis_error=getattr(self._leases, "unavailable", None) or None,
+            store_error=err or rt.journal.db.last_error, redis_error=getattr(self._parts.leases, "unavailable", None) or None,
         )
 
     def not_ready_reasons(self) -> list[str]:
@@ -240,7 +267,6 @@ class Daemon:
             try:
                 if self._serve_health:
                     app = HealthApp(self.metrics.registry, self.health, self.not_ready_reasons)
-                    self._health_stop = trio.Event()
                     try:
                         self.health_url = await services.start(
                             lambda task_status: serve_asgi(app, s.metrics_host, s.metrics_port, shutdown=self._health_stop, task_status=task_status)
@@ -260,8 +286,7 @@ class Daemon:
             except StartupError as exc:
                 startup_error = exc  # raised below, outside the nursery: no exception group
             finally:
-                if self._serve_health and hasattr(self, "_health_stop"):
-                    self._health_stop.set()
+                self._health_stop.set()
                 services.cancel_scope.cancel()
         if startup_error is not None:
             raise startup_error
@@ -289,28 +314,28 @@ class Daemon:
         # The token endpoint may live elsewhere (Ory Network): its own client, env proxies.
         token_http = httpx.AsyncClient(timeout=httpx.Timeout(s.request_timeout), trust_env=True)
         async with http, token_http:
-            api_guard = Guard("task_api", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=60.0), metrics=self.metrics, rng=self._rng)
-            token_guard = Guard("token_endpoint", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=120.0), metrics=self.metrics, rng=self._rng)
+            api_guard = Guard("task_api", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=60.0), metrics=self.metrics, rng=self._parts.rng)
+            token_guard = Guard("token_endpoint", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=120.0), metrics=self.metrics, rng=self._parts.rng)
             tokens = TokenProvider(token_http, s, metrics=self.metrics, guard=token_guard)
             api = TaskApi(http, s.api_base_url, tokens, metrics=self.metrics, guard=api_guard, concurrency=s.api_concurrency, lane=lane)
-            backends = self._backends or build_backends(s, self.metrics)
-            guards = {b: Guard(b.value, attrs.evolve(breaker_config(s), base_wait=5.0, max_wait=300.0), metrics=self.metrics, rng=self._rng) for b in backends}
+            backends = self._parts.backends or build_backends(s, self.metrics)
+            guards = {b: Guard(b.value, attrs.evolve(breaker_config(s), base_wait=5.0, max_wait=300.0), metrics=self.metrics, rng=self._parts.rng) for b in backends}
             try:
                 journal = JournalStore(s.journal_path)
-                limiter = self._limiter or build_limiter(s, s.rate_limits, s.rate_limit_storage_path, metrics=self.metrics, name="global", clock=self._clock)
-                openai_limiter = self._openai_limiter or build_limiter(s, s.openai_rate_limits, s.rate_limit_storage_path.replace(".db", "") + "_openai.db", metrics=None, name="openai", clock=self._clock)
+                limiter = self._parts.limiter or build_limiter(s, s.rate_limits, s.rate_limit_storage_path, metrics=self.metrics, name="global", clock=self._parts.clock)
+                openai_limiter = self._parts.openai_limiter or build_limiter(s, s.openai_rate_limits, s.rate_limit_storage_path.replace(".db", "") + "_openai.db", metrics=None, name="openai", clock=self._parts.clock)
             except Exception as exc:
                 raise StartupError(str(exc)) from None
-            leases = self._leases or NoLeases()
+            leases = self._parts.leases or NoLeases()
             try:
                 kinds = registry.load(s, getattr(s, "task_types", None) or None)
             except registry.RegistryError as exc:
                 raise StartupError(str(exc)) from None
-            chat, wikidata = build_chat_ports(s, self.metrics, kinds, redis_client=self._redis_client)
+            chat, wikidata = build_chat_ports(s, self.metrics, kinds, redis_client=self._parts.redis_client)
             rt = Runtime(
                 s, metrics=self.metrics, api=api, tokens=tokens, backends=backends, backend_guards=guards,
                 limiter=limiter, openai_limiter=openai_limiter, journal=journal, leases=leases,
-                routing=routing_for(s), kinds=kinds, rng=self._rng, wall=self._clock, chat=chat, wikidata=wikidata,
+                routing=routing_for(s), kinds=kinds, rng=self._parts.rng, wall=self._parts.clock, chat=chat, wikidata=wikidata,
             )
             self.rt = rt
             self.metrics.watch(rt)  # scrape-time gauges, bounded model label, series at zero
@@ -337,11 +362,11 @@ class Daemon:
         pipeline_done = trio.Event()
 
         async def controller() -> None:
-            await self._stop_requested.wait()
-            self.shutting_down = True
+            await self.control.requested.wait()
+            self.control.shutting_down = True
             rt.stopping.set()
-            self.log.info("shutdown_started", grace_seconds=self._grace, in_flight=len(rt.book))
-            with trio.move_on_after(self._grace):
+            self.log.info("shutdown_started", grace_seconds=self.control.grace, in_flight=len(rt.book))
+            with trio.move_on_after(self.control.grace):
                 await pipeline_done.wait()
             if not pipeline_done.is_set():
                 self.log.warning("shutdown_grace_expired", unfinished=len(rt.book))
@@ -359,8 +384,8 @@ class Daemon:
                 if maintain is not None:
                     outer.start_soon(maintain)
             with trio.CancelScope() as work:
-                self._work_scope = work
-                if self._stop_requested.is_set():
+                self.control.work_scope = work
+                if self.control.requested.is_set():
                     work.cancel()
                 await recovery.recover(rt)
                 async with trio.open_nursery() as n:
