@@ -24,6 +24,7 @@ from processor.kinds.base import Work
 from processor.pure import lifecycle as lc
 from processor.pure.lifecycle import Effect, Event, Outcome, Phase
 
+_log = get_logger("lifecycle")
 RECENT_TTL = 120.0  # seconds a finished id is remembered (a stale poll may still list it)
 RECENT_MAX = 50_000
 
@@ -54,7 +55,6 @@ class Book:
         self.computed_at: dict[str, float] = {}  # wall time each result was stored (outbox age)
         self.recent: OrderedDict[str, float] = OrderedDict()
         self.room = trio.Event()
-        self.log = get_logger("lifecycle")
 
     # -- questions ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -135,7 +135,7 @@ class Book:
             try:
                 await self._refund(name, receipts)
             except Exception as exc:  # a refund that fails only makes the limiter stricter
-                self.log.warning("refund_failed", limiter=name, units=len(receipts), error=str(exc))
+                _log.warning("refund_failed", limiter=name, units=len(receipts), error=str(exc))
         if Effect.WRITE_JOURNAL in want:
             now = self.wall()
             rows = []
@@ -175,7 +175,7 @@ class Book:
         try:
             await aw
         except Exception as exc:
-            self.log.warning(what, error=str(exc))
+            _log.warning(what, error=str(exc))
 
     def _forget(self, steps: Sequence[tuple[str, lc.Step]]) -> None:
         now = trio.current_time()
@@ -227,7 +227,7 @@ class Book:
             try:
                 await self.api.patch(task_id, "pending")
             except ApiError as exc:
-                self.log.warning("release_failed", task_id=task_id, error=str(exc))
+                _log.warning("release_failed", task_id=task_id, error=str(exc))
                 failed.append(task_id)
             else:
                 ok.append(task_id)
@@ -241,7 +241,7 @@ class Book:
             with trio.CancelScope(shield=True):
                 await self.perform(self.fire(ok, Event.RELEASE_OK) + self.fire(failed + cut, Event.RELEASE_FAILED))
         self.metrics.released.labels(reason).inc(len(ok))
-        self.log.info("claims_released", count=len(ok), release_failed=len(ids) - len(ok), reason=reason)
+        _log.info("claims_released", count=len(ok), release_failed=len(ids) - len(ok), reason=reason)
         return len(ok)
 
     async def abandon(self, ids: Sequence[str]) -> None:

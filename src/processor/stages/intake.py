@@ -131,34 +131,44 @@ async def poll_once(
                     new += 1
                     continue
             if isinstance(parsed, Rejected):
-                if parsed.reason is RejectReason.UNSUPPORTED_MODEL and parsed.id is not None:
-                    # a model this deployment does not serve: another worker or a setting can
-                    _unservable(rt, parsed.id, _model_of(raw), parsed.detail, logged_once, log)
-                    continue
-                if parsed.id is None:
-                    # cannot be reported: log and count once per distinct entry
-                    fingerprint = hash(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS, default=str))
-                    if fingerprint not in logged_once and len(logged_once) < LOG_ONCE_MAX:
-                        logged_once.add(fingerprint)
-                        rt.metrics.rejected.labels(parsed.reason.value).inc()
-                        log.warning("entry_rejected", reason=parsed.reason.value, detail=parsed.detail)
-                    continue
-                if rt.book.known(parsed.id):
-                    continue
-                rt.metrics.rejected.labels(parsed.reason.value).inc()
-                log.warning("task_rejected", task_id=parsed.id, reason=parsed.reason.value, detail=parsed.detail)
-                rt.book.take_id(parsed.id)
-                await rt.deliver({parsed.id: Outcome.failure(parsed.detail)})
-                await rejects.send([parsed.id])
+                await _rejected(rt, raw, parsed, rejects, logged_once, log)
             elif isinstance(parsed, Skipped):
-                if parsed.id not in logged_once and len(logged_once) < LOG_ONCE_MAX:
-                    logged_once.add(parsed.id or "")
-                    rt.metrics.skipped.labels(parsed.type).inc()
-                    log.info("task_skipped", task_id=parsed.id, type=parsed.type, why="type not handled by this processor; left pending")
+                _skipped(rt, parsed, logged_once, log)
     rt.metrics.backlog.set(seen)
     if new:
         rt.metrics.stage_tasks.labels("taken").inc(new)
     return new, seen
+
+
+async def _rejected(rt: Runtime, raw: object, parsed: Rejected, rejects: trio.MemorySendChannel[list[str]],
+                    logged_once: set[object], log: Any) -> None:
+    """A defect: reported `failed` with its reason when it has a usable id, else logged and
+    counted once per distinct entry. A model this deployment does not serve is no defect."""
+    if parsed.reason is RejectReason.UNSUPPORTED_MODEL and parsed.id is not None:
+        _unservable(rt, parsed.id, _model_of(raw), parsed.detail, logged_once, log)
+        return
+    if parsed.id is None:
+        fingerprint = hash(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS, default=str))
+        if fingerprint not in logged_once and len(logged_once) < LOG_ONCE_MAX:
+            logged_once.add(fingerprint)
+            rt.metrics.rejected.labels(parsed.reason.value).inc()
+            log.warning("entry_rejected", reason=parsed.reason.value, detail=parsed.detail)
+        return
+    if rt.book.known(parsed.id):
+        return
+    rt.metrics.rejected.labels(parsed.reason.value).inc()
+    log.warning("task_rejected", task_id=parsed.id, reason=parsed.reason.value, detail=parsed.detail)
+    rt.book.take_id(parsed.id)
+    await rt.deliver({parsed.id: Outcome.failure(parsed.detail)})
+    await rejects.send([parsed.id])
+
+
+def _skipped(rt: Runtime, parsed: Skipped, logged_once: set[object], log: Any) -> None:
+    """A type this worker does not run: left pending for one that does, logged once."""
+    if parsed.id not in logged_once and len(logged_once) < LOG_ONCE_MAX:
+        logged_once.add(parsed.id or "")
+        rt.metrics.skipped.labels(parsed.type).inc()
+        log.info("task_skipped", task_id=parsed.id, type=parsed.type, why="type not handled by this processor; left pending")
 
 
 def _model_of(raw: object) -> str:
