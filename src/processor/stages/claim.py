@@ -112,7 +112,8 @@ async def admit(rt: Runtime, group: list[Work], log: Any) -> list[Work]:
             await _limiter_failed(rt, [], exc, log)
             return []
         for w, r in zip(openai, od.reservations, strict=False):
-            charges[w.id] = charges[w.id] + (("openai", r),)
+            if r is not None:  # a refused task was not charged: nothing of it to give back
+                charges[w.id] = charges[w.id] + (("openai", r),)
         over = {w.id for w in openai[od.admitted :]}
         if over:
             refused += [w for w in admitted if w.id in over]
