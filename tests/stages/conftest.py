@@ -1,0 +1,343 @@
+"""Fakes for the outside world only, and a real `Runtime` over them.
+
+Each stage test drives the stage functions directly under `trio.testing.MockClock(autojump_threshold=0)`
+(the `autojump_clock` fixture), with a real `Book` over a real SQLite `JournalStore` in
+`tmp_path`, the real lifecycle, policy, guards and retry primitive. Fakes stand in for what
+is outside this process: the task API (`FakeApi`), an embedding server (`FakeEmbedder`), the
+rate-limit store (`FakeLimiter`); one replica needs no leases (`NoLeases`).
+
+Virtual time and threads: SQLite calls run on a worker thread, and while the run loop waits
+for one the autojump clock jumps to the next deadline. Tests that need an order between two
+tasks therefore use events (`FakeEmbedder.before`), never racing timers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from processor.config import Settings, load_settings
+from processor.effects.api import ApiError
+from processor.effects.backends.base import EmbedResult, RequestLimits
+from processor.effects.guard import Guard
+from processor.effects.leases import NoLeases
+from processor.effects.limiter import LimiterError
+from processor.effects.metrics import Metrics
+from processor.effects.store import JournalStore
+from processor.kinds.base import Work
+from processor.pure import ratelimit as rl
+from processor.pure.breaker import BreakerConfig
+from processor.pure.faults import DependencyError, Fault
+from processor.pure.retry import ErrorKind, classify_status
+from processor.pure.tasks import Backend, Routing
+from processor.runtime import Runtime
+from processor.stages import claim
+
+MODEL = "nomic-embed-text"
+WALL0 = 1_800_000_000.0  # the fake wall clock: this epoch second at trio time 0
+
+
+def tid(n: int) -> str:
+    """A valid task id (24 lowercase hex)."""
+    return f"{n:024x}"
+
+
+def wall() -> float:
+    return WALL0 + trio.current_time()
+
+
+# -- the task API ------------------------------------------------------------------------
+def http(status: int, text: str = "") -> ApiError:
+    """The API answered `status` (the request reached it)."""
+    return ApiError(f"HTTP {status} {text}".strip(), status=status, kind=classify_status(status))
+
+
+def no_answer() -> ApiError:
+    """The request left and no answer came (reset, timeout): it may have been applied."""
+    return ApiError("PATCH: ReadError", status=None, kind=ErrorKind.RETRYABLE, fault=Fault.UNREACHABLE)
+
+
+def never_sent() -> ApiError:
+    """The request never left (no token yet, breaker open)."""
+    return ApiError("task_api: circuit breaker open", status=None, kind=ErrorKind.RETRYABLE, sent=False,
+                    fault=Fault.UNREACHABLE)
+
+
+@attrs.frozen
+class Patch:
+    task_id: str
+    state: str
+    result: Any
+    reason: str | None
+    answer: str  # "ok" or the error's message
+
+
+class FakeApi:
+    """The task API: records every PATCH with the answer it got, answers each call from a
+    per-(task, state) script (default: 2xx), serves a pending and an in_progress list."""
+
+    def __init__(self) -> None:
+        self.patches: list[Patch] = []
+        self.states: dict[str, str] = {}  # what the API holds after the PATCHes it took
+        self._script: dict[tuple[str, str], list[ApiError | None]] = {}
+        self.always: dict[tuple[str, str], ApiError] = {}
+        self.pending_list: list[Any] = []
+        self.in_progress_list: list[Any] = []
+        self.pending_error: ApiError | None = None
+        self.pending_reads = 0  # entries handed out by pending() streams
+        self.guard = Guard("task_api", BreakerConfig(threshold=5, base_wait=2.0, max_wait=60.0))
+
+    def answer(self, task_id: str, state: str, *answers: ApiError | None) -> None:
+        """The next PATCHes of `task_id` to `state` get these answers (None: 2xx), then 2xx."""
+        self._script.setdefault((task_id, state), []).extend(answers)
+
+    def sent(self, state: str | None = None, task_id: str | None = None) -> list[Patch]:
+        return [p for p in self.patches if (state is None or p.state == state) and (task_id is None or p.task_id == task_id)]
+
+    async def patch(self, task_id: str, state: str, result: Any = None, *, include_result: bool = False,
+                    reason: str | None = None) -> None:
+        await trio.lowlevel.checkpoint()
+        queue = self._script.get((task_id, state))
+        err = queue.pop(0) if queue else self.always.get((task_id, state))
+        self.patches.append(Patch(task_id, state, result if include_result else None, reason,
+                                  "ok" if err is None else str(err)))
+        if err is not None:
+            raise err
+        self.states[task_id] = state
+
+    @asynccontextmanager
+    async def pending(self) -> AsyncIterator[AsyncIterator[Any]]:
+        if self.pending_error is not None:
+            raise self.pending_error
+        yield self._items(self.pending_list)
+
+    @asynccontextmanager
+    async def by_state(self, state: str) -> AsyncIterator[AsyncIterator[Any]]:
+        assert state == "in_progress"
+        yield self._items(self.in_progress_list)
+
+    async def _items(self, items: Sequence[Any]) -> AsyncIterator[Any]:
+        for raw in list(items):
+            await trio.lowlevel.checkpoint()
+            self.pending_reads += 1
+            yield raw
+
+
+# -- an embedding server ------------------------------------------------------------------
+class FakeEmbedder:
+    """An embedding backend. `faults` are raised per call, in order (None: answer);
+    `poison` maps a word to the fault of every call whose texts contain it; texts in
+    `malformed` get a vector with a NaN; `before(texts)` runs first (to order tasks)."""
+
+    name = "fake"
+
+    def __init__(self, dim: int = 4, *, max_items: int = 64, latency: float = 0.0) -> None:
+        self.dim = dim
+        self.max_items = max_items
+        self.latency = latency
+        self.calls: list[list[str]] = []
+        self.faults: list[Fault | None] = []
+        self.poison: dict[str, Fault] = {}
+        self.malformed: set[str] = set()
+        self.before: Callable[[Sequence[str]], Awaitable[None]] | None = None
+
+    def limits(self, model: str) -> RequestLimits:
+        return RequestLimits(self.max_items)
+
+    def expected_dim(self, model: str) -> int | None:
+        return self.dim
+
+    def learn_dim(self, model: str, dim: int) -> None:
+        return None
+
+    def vector(self, text: str) -> list[float]:
+        return [1.0] + [0.0] * (self.dim - 1)
+
+    async def embed(self, model: str, texts: Sequence[str], *, timeout: float | None = None) -> EmbedResult:
+        self.calls.append(list(texts))
+        if self.before is not None:
+            await self.before(texts)
+        if self.latency:
+            await trio.sleep(self.latency)
+        fault = self.faults.pop(0) if self.faults else None
+        if fault is None:
+            fault = next((f for word, f in self.poison.items() if any(word in t for t in texts)), None)
+        if fault is not None:
+            raise DependencyError(f"fake {model}: {fault.value}", fault, status=_STATUS.get(fault))
+        return EmbedResult([[float("nan")] * self.dim if t in self.malformed else self.vector(t) for t in texts])
+
+    async def start(self) -> None:
+        return None
+
+    async def probe(self, model: str) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+_STATUS = {Fault.INPUT: 400, Fault.SERVER: 500, Fault.BUSY: 503, Fault.AUTH: 401, Fault.QUOTA: 429,
+           Fault.RATE_LIMITED: 429, Fault.MODEL_MISSING: 404, Fault.PARAMETER: 400, Fault.TIMEOUT: 504}
+
+
+# -- the rate-limit store ------------------------------------------------------------------
+class FakeLimiter:
+    """A limiter with `room` units left (None: no limit). Decisions have the real shape
+    (reservations aligned with the request, None for a refused task). Records every
+    reservation handed out, every refund call and every `reservation_at`."""
+
+    def __init__(self, name: str, *, room: int | None = None, retry_in: float = 7.0) -> None:
+        self.name = name
+        self.room = room
+        self.retry_in = retry_in
+        self.fail: LimiterError | None = None
+        self.fail_refund: LimiterError | None = None
+        self.admits: list[int] = []
+        self.reserved: list[rl.Reservation] = []
+        self.refunds: list[list[Any]] = []
+        self.recovered: list[float] = []
+        self._serial = 0
+
+    @property
+    def refunded(self) -> list[Any]:
+        return [r for call in self.refunds for r in call]
+
+    async def admit(self, n: int | Sequence[rl.Demand]) -> rl.Decision:
+        await trio.lowlevel.checkpoint()
+        count = n if isinstance(n, int) else len(n)
+        self.admits.append(count)
+        if self.fail is not None:
+            raise self.fail
+        k = count if self.room is None else max(0, min(count, self.room))
+        if self.room is not None:
+            self.room -= k
+        t = self.now()
+        out = []
+        for _ in range(k):
+            self._serial += 1
+            out.append(rl.Reservation(t + self._serial / 1000.0, 1, ()))
+        self.reserved += out
+        return rl.Decision(count, k, reservations=(*out, *([None] * (count - k))), at=t,
+                           retry_at=t + self.retry_in if k < count else None)
+
+    async def refund(self, reservations: Sequence[rl.Reservation]) -> None:
+        await trio.lowlevel.checkpoint()
+        self.refunds.append(list(reservations))
+        if self.fail_refund is not None:
+            raise self.fail_refund
+        if self.room is not None:
+            self.room += len(reservations)
+
+    async def settle(self, reservations: Sequence[rl.Reservation], *, tokens_in: int, tokens_out: int) -> tuple[rl.Reservation, ...]:
+        return tuple(reservations)
+
+    def reservation_at(self, at: float, units: int = 1) -> rl.Reservation:
+        self.recovered.append(at)
+        return rl.Reservation(at, units, ())
+
+    def usage(self) -> list[rl.TierUsage]:
+        return []
+
+    def now(self) -> float:
+        return wall()
+
+    @property
+    def healthy(self) -> tuple[bool, str | None]:
+        return (self.fail is None, None if self.fail is None else str(self.fail))
+
+
+# -- the runtime over them ------------------------------------------------------------------
+@attrs.define
+class World:
+    rt: Runtime
+    api: FakeApi
+    embedder: FakeEmbedder
+    limiter: FakeLimiter
+    openai_limiter: FakeLimiter
+    journal: JournalStore
+    metrics: Metrics
+    backend: Backend
+
+    def work(self, n: int, text: str | None = None, *, model: str = MODEL, backend: Backend | None = None) -> Work:
+        return Work(tid(n), "text_embedding", text if text is not None else f"text number {n}", model,
+                    backend or self.backend, created_at=WALL0 - 60.0)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def journal_ids(self) -> set[str]:
+        return {r[0] for r in self.journal.db.query("SELECT task_id FROM journal")}
+
+    def outbox_ids(self) -> set[str]:
+        return {r.task_id for r in self.journal.outbox()}
+
+    def close(self) -> None:
+        self.journal.db.close()
+
+
+def settings_for(tmp_path: Any, **env: Any) -> Settings:
+    base = {
+        "API_BASE_URL": "http://127.0.0.1:9", "OAUTH2_TOKEN_URL": "http://127.0.0.1:9/token",
+        "OAUTH2_CLIENT_ID": "stage-tests", "OAUTH2_CLIENT_SECRET": "not-a-secret",
+        "PROCESSING_MODE": "mock", "STATE_DIR": str(tmp_path / "state"), "RATE_LIMIT_ENABLED": "false",
+    }
+    base.update({k: str(v) for k, v in env.items()})
+    settings, _ = load_settings(base, dotenv_path=None)
+    return settings
+
+
+def make_world(tmp_path: Any, *, backend: Backend = Backend.MOCK, routing: Routing | None = None,
+               embedder: FakeEmbedder | None = None, **env: Any) -> World:
+    s = settings_for(tmp_path, **env)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    metrics = Metrics()
+    api = FakeApi()
+    emb = embedder or FakeEmbedder()
+    lim, olim = FakeLimiter("global"), FakeLimiter("openai")
+    journal = JournalStore(str(tmp_path / "state" / "journal.db"))
+    guards = {backend: Guard(backend.value, BreakerConfig(threshold=5, base_wait=5.0, max_wait=300.0))}
+    rt = Runtime(
+        s, metrics=metrics, api=api, tokens=None, backends={backend: emb}, backend_guards=guards,  # type: ignore[arg-type]
+        limiter=lim, openai_limiter=olim, journal=journal, leases=NoLeases(),
+        routing=routing or Routing(default_model=MODEL, mock=True), wall=wall,
+    )
+    return World(rt, api, emb, lim, olim, journal, metrics, backend)
+
+
+@pytest.fixture
+async def world(tmp_path: Any) -> AsyncIterator[World]:
+    w = make_world(tmp_path)
+    yield w
+    w.close()
+
+
+async def claim_all(w: World, works: Sequence[Work]) -> list[Work]:
+    """Take `works` into the book and run the real claim stage over them; returns the
+    works that came out claimed, in order."""
+    intake_s, intake_r = trio.open_memory_channel[Work](len(works) + 1)
+    out_s, out_r = trio.open_memory_channel[Work](len(works) + 1)
+    for x in works:
+        w.rt.book.take(x)
+        intake_s.send_nowait(x)
+    intake_s.close()
+    await claim.claimer(w.rt, intake_r, out_s)
+    out = []
+    async with out_r:
+        async for x in out_r:
+            out.append(x)
+    return sorted(out, key=lambda x: [y.id for y in works].index(x.id))
+
+
+def drain(recv: trio.MemoryReceiveChannel[list[str]]) -> list[str]:
+    """Every id the stage handed to the reporter so far."""
+    out: list[str] = []
+    while True:
+        try:
+            out += recv.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return out
