@@ -81,6 +81,8 @@ def _fault_for(status: int | None) -> Fault:
         return Fault.UNREACHABLE
     if status == 401:
         return Fault.TOKEN_EXPIRED
+    if status == 403:
+        return Fault.AUTH  # this client may not do that: a permission to fix, never a refused result
     if status == 404:
         return Fault.NOT_FOUND
     if status == 429:
