@@ -171,32 +171,34 @@ class Runtime:
         return self.book.outbox_size
 
     # -- reporting -------------------------------------------------------------------------
-    async def report(self, task_id: str) -> bool:
-        """PATCH the task's final state until the API takes it. True when the story is over
-        (taken, refused twice, or the task is gone); False when given up at shutdown (the
-        outbox keeps the result for the next start)."""
+    async def report(self, task_id: str) -> Outcome | None:
+        """PATCH the task's final state until the API takes it. Returns the outcome the story
+        ended with (what the API took, the last one it refused, or the one of a task gone);
+        None when given up at shutdown (the outbox keeps the result for the next start) or
+        when there was nothing to report."""
+        last: Outcome | None = None
         while True:
             rec = self.book.records.get(task_id)
             if rec is None or rec.outcome is None:
-                return True
-            o = rec.outcome
+                return last
+            o = last = rec.outcome
             try:
                 await self._patch_final(task_id, o)
             except ApiError as exc:
                 fault = api_fault(exc)
                 refused = fault in (Fault.REFUSED, Fault.NOT_FOUND, Fault.INPUT) and (exc.sent or fault is Fault.INPUT)
                 if not refused:
-                    return False  # given up at shutdown: the outbox keeps the result
+                    return None  # given up at shutdown: the outbox keeps the result
                 if fault is Fault.NOT_FOUND:
                     self.log.warning("report_task_gone", task_id=task_id, error=str(exc))
                     await self.book.move([task_id], Event.REPORT_OK)
-                    return True
+                    return o
                 self.log.error("report_rejected", task_id=task_id, status=exc.status, state=o.state, error=str(exc))
                 self.metrics.rejected.labels(f"report_{exc.status}").inc()
                 await self.book.move([task_id], Event.REPORT_REFUSED, why=f"{exc.status}: {exc}"[:300])
                 continue  # a refused success is reported `failed` with why; a refused failure ends it
             await self.book.move([task_id], Event.REPORT_OK)
-            return True
+            return o
 
     async def _patch_final(self, task_id: str, o: Outcome) -> None:
         attempts = 1_000_000 if not self.stopping.is_set() else 3

@@ -36,9 +36,8 @@ async def report_batch(rt: Runtime, ids: Sequence[str]) -> None:
             return
         work = rt.book.works.get(task_id)
         claimed_at = rt.book.claimed_at.get(task_id)
-        if await rt.report(task_id):
-            final = rt.book.records.get(task_id)  # gone once reported
-            o = rec.outcome if final is None or final.outcome is None else final.outcome
+        o = await rt.report(task_id)  # what the API took (a refused result: `failed` with why)
+        if o is not None:
             if claimed_at is not None:
                 rt.metrics.task_duration.observe(now - claimed_at)
             if work is not None and work.created_at is not None:
