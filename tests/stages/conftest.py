@@ -139,15 +139,18 @@ class FakeEmbedder:
     def __init__(self, dim: int = 4, *, max_items: int = 64, latency: float = 0.0) -> None:
         self.dim = dim
         self.max_items = max_items
+        self.max_input_tokens: int | None = None
         self.latency = latency
         self.calls: list[list[str]] = []
         self.faults: list[Fault | None] = []
         self.poison: dict[str, Fault] = {}
         self.malformed: set[str] = set()
+        self.answer_dim = dim  # the size of the vectors it answers (another size: DIMENSION)
+        self.retry_after: float | None = None  # what a RATE_LIMITED answer asks for
         self.before: Callable[[Sequence[str]], Awaitable[None]] | None = None
 
     def limits(self, model: str) -> RequestLimits:
-        return RequestLimits(self.max_items)
+        return RequestLimits(self.max_items, max_input_tokens=self.max_input_tokens)
 
     def expected_dim(self, model: str) -> int | None:
         return self.dim
@@ -156,7 +159,7 @@ class FakeEmbedder:
         return None
 
     def vector(self, text: str) -> list[float]:
-        return [1.0] + [0.0] * (self.dim - 1)
+        return [1.0] + [0.0] * (self.answer_dim - 1)
 
     async def embed(self, model: str, texts: Sequence[str], *, timeout: float | None = None) -> EmbedResult:
         self.calls.append(list(texts))
@@ -168,8 +171,9 @@ class FakeEmbedder:
         if fault is None:
             fault = next((f for word, f in self.poison.items() if any(word in t for t in texts)), None)
         if fault is not None:
-            raise DependencyError(f"fake {model}: {fault.value}", fault, status=_STATUS.get(fault))
-        return EmbedResult([[float("nan")] * self.dim if t in self.malformed else self.vector(t) for t in texts])
+            raise DependencyError(f"fake {model}: {fault.value}", fault, status=_STATUS.get(fault),
+                                  retry_after=self.retry_after if fault is Fault.RATE_LIMITED else None)
+        return EmbedResult([[float("nan")] * self.answer_dim if t in self.malformed else self.vector(t) for t in texts])
 
     async def start(self) -> None:
         return None
