@@ -269,7 +269,7 @@ async def test_openai_server_ignoring_dimensions_is_a_dimension_fault_naming_the
 async def test_openai_paces_when_the_budget_is_nearly_spent(autojump_clock):
     def low(request):
         r = openai_ok(request)
-        r.headers["x-ratelimit-remaining-requests"] = "1"
+        r.headers["x-ratelimit-remaining-requests"] = "0"
         r.headers["x-ratelimit-reset-requests"] = "1s"
         return r
 

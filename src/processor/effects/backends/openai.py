@@ -14,12 +14,11 @@ import binascii
 import re
 import sys
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import httpx
 import openai
 import orjson
-import trio
 
 from processor.effects.backends.base import (
     EmbedError,
@@ -33,6 +32,7 @@ from processor.effects.backends.base import (
 )
 from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
+from processor.effects.openai_pacing import ModelPacer, TokenPacer
 from processor.pure.faults import Fault
 
 MAX_INPUTS = 2048
@@ -117,6 +117,7 @@ class OpenAIBackend:
         timeout: float,
         max_batch: int,
         metrics: Metrics,
+        pacer: TokenPacer | None = None,
     ) -> None:
         REDACTOR.add(api_key)
         self._api_key = api_key
@@ -135,7 +136,7 @@ class OpenAIBackend:
         self._max_batch = min(max_batch, MAX_INPUTS)
         self._metrics = metrics
         self._dims: dict[str, int] = {}
-        self._pace_until = 0.0
+        self.pacer = pacer or TokenPacer()  # x-ratelimit-* pacing, per model (effects/openai_pacing.py)
         self._log = get_logger("openai")
 
     def limits(self, model: str) -> RequestLimits:
@@ -148,8 +149,6 @@ class OpenAIBackend:
         self._dims.setdefault(model, dim)
 
     async def embed(self, model: str, texts: Sequence[str], *, timeout: float | None = None) -> EmbedResult:
-        if trio.current_time() < self._pace_until:
-            await trio.sleep_until(self._pace_until)
         try:
             return await self._embed(model, texts, timeout)
         except EmbedError as exc:
@@ -163,6 +162,15 @@ class OpenAIBackend:
     async def _embed(self, model: str, texts: Sequence[str], timeout: float | None = None) -> EmbedResult:
         if timeout is None:
             timeout = self._timeout + 0.05 * len(texts)
+        pace = self.pacer.model(model)
+        chars = sum(map(len, texts))
+        await pace.wait_turn(pace.estimate(chars, items=len(texts)))
+        try:
+            return await self._send(pace, model, texts, timeout, chars)
+        finally:
+            pace.forget()  # no answer came: the reservation goes
+
+    async def _send(self, pace: ModelPacer, model: str, texts: Sequence[str], timeout: float, chars: int) -> EmbedResult:
         try:
             raw = await self._client.embeddings.with_raw_response.create(
                 model=model, input=list(texts), encoding_format=self._encoding, timeout=timeout,  # type: ignore[arg-type]
@@ -177,16 +185,21 @@ class OpenAIBackend:
             raise EmbedError(f"OpenAI unreachable: {type(exc.__cause__ or exc).__name__}", Fault.UNREACHABLE) from None
         except openai.APIStatusError as exc:
             self._count(model, str(exc.status_code))
-            raise self._classify(exc) from None
+            error = self._classify(exc)
+            refused = exc.status_code == 429 or error.fault is Fault.RATE_LIMITED  # not charged
+            pace.after(exc.response.headers, 0 if refused else None, chars=chars,
+                       retry_after=error.retry_after if error.fault is Fault.RATE_LIMITED else None)
+            raise error from None
         except Exception as exc:  # anything else on the way: no answer to speak of
             self._count(model, "connection_error")
             raise EmbedError(f"OpenAI request failed: {type(exc).__name__}", Fault.UNREACHABLE) from None
-        self._pace(raw.headers)
         try:
             slots, tokens = vectors_of(content, len(texts))
         except ValueError as exc:
+            pace.after(raw.headers, chars=chars)
             self._count(model, "malformed")
             raise EmbedError(f"OpenAI returned a malformed answer: {exc}", Fault.MALFORMED) from None
+        pace.after(raw.headers, tokens, chars=chars)
         try:
             vectors, dim = checked_vectors(slots, len(texts), self.expected_dim(model), who=f"OpenAI {model}",
                                            dimension_hint=lambda got: self._dimension_hint(model, got))
@@ -208,20 +221,6 @@ class OpenAIBackend:
     def _count(self, model: str, status: str) -> None:
         self._metrics.openai_requests.labels(model, status).inc()
 
-    def _pace(self, headers: Mapping[str, str]) -> None:
-        """Slow down before a 429: when a budget is nearly spent, wait for its reset."""
-        for kind in ("requests", "tokens"):
-            remaining, limit = headers.get(f"x-ratelimit-remaining-{kind}"), headers.get(f"x-ratelimit-limit-{kind}")
-            try:
-                rem, lim = int(remaining), int(limit)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                continue
-            if lim > 0 and rem <= max(1, lim // 50):
-                reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
-                if reset:
-                    self._pace_until = max(self._pace_until, trio.current_time() + reset)
-                    self._log.info("openai_pacing", budget=kind, remaining=rem, wait_seconds=reset)
-
     def _classify(self, exc: openai.APIStatusError) -> EmbedError:
         status = exc.status_code
         body = exc.body if isinstance(exc.body, dict) else {}
@@ -238,8 +237,6 @@ class OpenAIBackend:
         elif got.fault is Fault.QUOTA:
             message += " (the account is out of credit)"
         wait = retry_after(exc.response.headers) if got.fault in (Fault.RATE_LIMITED, Fault.BUSY) else None
-        if got.fault is Fault.RATE_LIMITED and wait is not None:
-            self._pace_until = max(self._pace_until, trio.current_time() + wait)
         return EmbedError(message, got.fault, status=status, retry_after=wait, param=got.param)
 
     def _scrub(self, text: str) -> str:

@@ -15,17 +15,16 @@ a JSON object BAD_ANSWER. No other exception leaves `complete`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import httpx
 import orjson
 import trio
 
-from processor.effects.backends.openai import parse_reset
 from processor.effects.chat.base import ChatAnswer, ChatError, ChatRequest, checked_json
 from processor.effects.chat.metrics import ChatMetrics
 from processor.effects.logs import REDACTOR, get_logger
+from processor.effects.openai_pacing import ModelPacer, TokenPacer
 from processor.pure.faults import Fault
 from processor.pure.triage import is_reasoning_model
 
@@ -42,7 +41,7 @@ class OpenAIChat:
 
     def __init__(
         self, *, api_key: str, base_url: str | None, timeout: float, max_tokens: int, metrics: ChatMetrics,
-        http: httpx.AsyncClient | None = None,
+        http: httpx.AsyncClient | None = None, pacer: TokenPacer | None = None,
     ) -> None:
         REDACTOR.add(api_key)
         self._url = chat_url(base_url)
@@ -52,7 +51,7 @@ class OpenAIChat:
         self._timeout = timeout
         self._max_tokens = max_tokens
         self._metrics = self.metrics = metrics
-        self._pace_until = 0.0
+        self.pacer = pacer or TokenPacer()  # x-ratelimit-* pacing per model (effects/openai_pacing.py)
         self._dropped: dict[str, set[str]] = {}  # model -> parameters a 400 refused
         self._log = get_logger("openai_chat")
 
@@ -78,8 +77,15 @@ class OpenAIChat:
         return body
 
     async def complete(self, request: ChatRequest) -> ChatAnswer:
-        if trio.current_time() < self._pace_until:
-            await trio.sleep_until(self._pace_until)
+        pace = self.pacer.model(request.model)
+        chars = len(request.system) + len(request.user)
+        await pace.wait_turn(pace.estimate(chars, items=2, chat=True))  # prompt + expected completion
+        try:
+            return await self._complete(request, pace, chars)
+        finally:
+            pace.forget()  # no answer came: the reservation goes
+
+    async def _complete(self, request: ChatRequest, pace: ModelPacer, chars: int) -> ChatAnswer:
         started = trio.current_time()
         try:
             resp = await self._http.post(self._url, content=orjson.dumps(self.body(request)), headers=self._headers,
@@ -92,11 +98,19 @@ class OpenAIChat:
             raise ChatError(f"OpenAI unreachable: {type(exc).__name__}", Fault.UNREACHABLE) from None
         finally:
             self._metrics.duration.labels(self.name).observe(trio.current_time() - started)
-        self._pace(resp.headers)
         if resp.status_code != 200:
             self._count(request, str(resp.status_code))
-            raise self._classify(request.model, resp)
-        return self._answer(request, resp)
+            error = self._classify(request.model, resp)
+            limited = error.fault is Fault.RATE_LIMITED
+            pace.after(resp.headers, 0 if limited else None, chars=chars, retry_after=error.retry_after if limited else None)
+            raise error
+        try:
+            answer = self._answer(request, resp)
+        except ChatError:
+            pace.after(resp.headers, chars=chars)
+            raise
+        pace.after(resp.headers, answer.prompt_tokens or None, completion=answer.completion_tokens, chars=chars)
+        return answer
 
     def _answer(self, request: ChatRequest, resp: httpx.Response) -> ChatAnswer:
         try:
@@ -137,20 +151,6 @@ class OpenAIChat:
         if completion:
             self._metrics.tokens.labels(self.name, request.model, request.task_type, "completion").inc(completion)
 
-    def _pace(self, headers: Mapping[str, str]) -> None:
-        """Slow down before a 429: when a budget is nearly spent, wait for its reset."""
-        for kind in ("requests", "tokens"):
-            try:
-                rem = int(headers.get(f"x-ratelimit-remaining-{kind}", ""))
-                lim = int(headers.get(f"x-ratelimit-limit-{kind}", ""))
-            except ValueError:
-                continue
-            if lim > 0 and rem <= max(1, lim // 50):
-                reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
-                if reset:
-                    self._pace_until = max(self._pace_until, trio.current_time() + reset)
-                    self._log.info("openai_chat_pacing", budget=kind, remaining=rem, wait_seconds=reset)
-
     def _classify(self, model: str, resp: httpx.Response) -> ChatError:
         status = resp.status_code
         try:
@@ -165,8 +165,6 @@ class OpenAIChat:
             if code == "insufficient_quota":
                 return ChatError(message, Fault.QUOTA, status=status)
             retry_after = _float(resp.headers.get("retry-after"))
-            if retry_after is not None:
-                self._pace_until = max(self._pace_until, trio.current_time() + retry_after)
             return ChatError(message, Fault.RATE_LIMITED, status=status, retry_after=retry_after)
         if status in (401, 403):
             return ChatError(message, Fault.AUTH, status=status)
