@@ -124,7 +124,7 @@ def test_parse_reset_formats():
     assert tp.parse_reset("soon") is None and tp.parse_reset(None) is None and tp.parse_reset("-1") is None
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     tpm=st.integers(2_000, 50_000),
     plan=st.lists(st.tuples(st.integers(1, 4_000), st.floats(0.0, 3.0), st.integers(0, 3)), min_size=5, max_size=60),

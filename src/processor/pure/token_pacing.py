@@ -99,9 +99,11 @@ class Pacer:
 def available(b: Budget, sent: tuple[Sent, ...], at: float, *, tokens: bool) -> float:
     """What the budget holds at time `at` (>= seen_at): the remaining announced, plus what
     this process sent that has left the minute since. Past the reset it is whole, less
-    what this process sent that may still be within the server's minute."""
+    what this process sent that the announcement did not cover (answered after it, or not
+    yet) and that may still be within the server's minute."""
     if at >= b.reset_at:
-        recent = sum((s.tokens if tokens else 1) for s in sent if s.done is None or s.done + WINDOW > at)
+        recent = sum((s.tokens if tokens else 1) for s in sent
+                     if s.done is None or (s.done > b.seen_at and s.done + WINDOW > at))
         return max(0.0, float(b.limit) - recent)
     freed = sum((s.tokens if tokens else 1) for s in sent if _freed_by(b, s, at))
     return min(float(b.limit), b.remaining + freed)
@@ -120,7 +122,12 @@ def _fits_at(b: Budget, sent: tuple[Sent, ...], now: float, need: float, *, toke
     for t in sorted(s.done + WINDOW for s in sent if s.done is not None):
         if t > now and t < b.reset_at and available(b, sent, t, tokens=tokens) >= need:
             return t
-    return b.reset_at
+    if b.reset_at > now:
+        return b.reset_at
+    # past the reset and still short: requests of this process in flight hold the rest
+    # (each frees a minute after its answer); look again when an answer comes
+    later = [s.done + WINDOW for s in sent if s.done is not None and s.done + WINDOW > now]
+    return min([*later, now + ASK_AGAIN])
 
 
 def decide(p: Pacer, now: float, tokens: int) -> tuple[Pacer, Decision]:
