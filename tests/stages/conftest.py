@@ -88,7 +88,9 @@ class FakeApi:
         self.always: dict[tuple[str, str], ApiError] = {}
         self.pending_list: list[Any] = []
         self.in_progress_list: list[Any] = []
-        self.pending_error: ApiError | None = None
+        self.pending_errors: list[ApiError] = []  # the next pending() reads fail with these, in order
+        self.polls = 0
+        self.hold: dict[tuple[str, str], trio.Event] = {}  # a PATCH waits for this event before it is answered
         self.pending_reads = 0  # entries handed out by pending() streams
         self.guard = Guard("task_api", BreakerConfig(threshold=5, base_wait=2.0, max_wait=60.0))
 
@@ -102,6 +104,9 @@ class FakeApi:
     async def patch(self, task_id: str, state: str, result: Any = None, *, include_result: bool = False,
                     reason: str | None = None) -> None:
         await trio.lowlevel.checkpoint()
+        gate = self.hold.get((task_id, state))
+        if gate is not None:
+            await gate.wait()
         queue = self._script.get((task_id, state))
         err = queue.pop(0) if queue else self.always.get((task_id, state))
         self.patches.append(Patch(task_id, state, result if include_result else None, reason,
@@ -112,8 +117,9 @@ class FakeApi:
 
     @asynccontextmanager
     async def pending(self) -> AsyncIterator[AsyncIterator[Any]]:
-        if self.pending_error is not None:
-            raise self.pending_error
+        self.polls += 1
+        if self.pending_errors:
+            raise self.pending_errors.pop(0)
         yield self._items(self.pending_list)
 
     @asynccontextmanager

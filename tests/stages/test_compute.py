@@ -302,3 +302,17 @@ async def test_an_openai_backend_unusable_is_its_own(tmp_path, lane, autojump_cl
         assert Backend.OPENAI in w.rt.board.down
     finally:
         w.close()
+
+
+async def test_a_result_whose_lease_was_lost_is_abandoned_not_reported(world: World, lane, autojump_clock) -> None:
+    from processor.effects.leases import NoLeases
+
+    class Lost(NoLeases):
+        def lost(self) -> set[str]:
+            return {tid(1)}
+
+    world.rt.admission.leases = Lost()
+    ids = await _run(world, [world.work(0), world.work(1)], lane)
+    assert ids == [tid(0)]
+    assert world.rt.book.phase(tid(1)) is None and tid(1) not in world.outbox_ids() and tid(1) not in world.journal_ids()
+    assert world.rt.book.known(tid(1))  # another replica owns it now: not taken again soon
