@@ -352,11 +352,9 @@ def plan(state: LimiterState, n: int | Sequence[Demand]) -> list[Planned]:
     if isinstance(n, int):
         if n < 0:
             raise ValueError("n must be >= 0")
-        demands: Sequence[Demand] = [Demand()] * n
-    else:
-        demands = n
+        return plan(state, [Demand()])[:1] * n  # n identical tasks: one plan, n times
     out = []
-    for d in demands:
+    for d in n:
         spend = spend_of(state, d) if state.has_spend else 0
         if spend is None:
             out.append(Planned(d, Refusal.NO_PRICE))
@@ -399,6 +397,7 @@ def decide(
     added = [0] * len(before.tiers)
     blocked: dict[tuple[Metric, Period], int] | None = None
     taken = 0
+    made: dict[int, Reservation] = {}
     for p in plans:
         if p.refusal is not None:
             reservations.append(None)
@@ -409,10 +408,13 @@ def decide(
             taken += 1
             for i, a in enumerate(p.need):
                 added[i] += a
-            reservations.append(Reservation(
-                t, 1, tuple(Charge(tier.period, keys[i], p.need[i], tier.metric) for i, tier in enumerate(before.tiers)),
-                p.demand.tokens_in, p.demand.tokens_out, p.spend, p.demand.model,
-            ))
+            r = made.get(id(p))
+            if r is None:  # the same plan (n identical tasks) makes the same (frozen) reservation
+                r = made[id(p)] = Reservation(
+                    t, 1, tuple(Charge(tier.period, keys[i], p.need[i], tier.metric) for i, tier in enumerate(before.tiers)),
+                    p.demand.tokens_in, p.demand.tokens_out, p.spend, p.demand.model,
+                )
+            reservations.append(r)
             refusals.append(None)
         else:
             if blocked is None:
