@@ -302,7 +302,9 @@ def settings_for(tmp_path: Any, **env: Any) -> Settings:
 
 
 def make_world(tmp_path: Any, *, backend: Backend = Backend.MOCK, routing: Routing | None = None,
-               embedder: FakeEmbedder | None = None, **env: Any) -> World:
+               embedder: FakeEmbedder | None = None, extra: dict[Backend, FakeEmbedder] | None = None,
+               **env: Any) -> World:
+    """A runtime whose backend `backend` is `embedder` (and `extra` ones, each with its guard)."""
     s = settings_for(tmp_path, **env)
     (tmp_path / "state").mkdir(exist_ok=True)
     metrics = Metrics()
@@ -310,9 +312,10 @@ def make_world(tmp_path: Any, *, backend: Backend = Backend.MOCK, routing: Routi
     emb = embedder or FakeEmbedder()
     lim, olim = FakeLimiter("global"), FakeLimiter("openai")
     journal = JournalStore(str(tmp_path / "state" / "journal.db"))
-    guards = {backend: Guard(backend.value, BreakerConfig(threshold=5, base_wait=5.0, max_wait=300.0))}
+    adapters = {backend: emb, **(extra or {})}
+    guards = {b: Guard(b.value, BreakerConfig(threshold=5, base_wait=5.0, max_wait=300.0)) for b in adapters}
     rt = Runtime(
-        s, metrics=metrics, api=api, tokens=None, backends={backend: emb}, backend_guards=guards,  # type: ignore[arg-type]
+        s, metrics=metrics, api=api, tokens=None, backends=adapters, backend_guards=guards,  # type: ignore[arg-type]
         limiter=lim, openai_limiter=olim, journal=journal, leases=NoLeases(),
         routing=routing or Routing(default_model=MODEL, mock=True), wall=wall,
     )

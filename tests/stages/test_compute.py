@@ -316,3 +316,35 @@ async def test_a_result_whose_lease_was_lost_is_abandoned_not_reported(world: Wo
     assert ids == [tid(0)]
     assert world.rt.book.phase(tid(1)) is None and tid(1) not in world.outbox_ids() and tid(1) not in world.journal_ids()
     assert world.rt.book.known(tid(1))  # another replica owns it now: not taken again soon
+
+
+async def test_a_missing_ollama_model_falls_back_when_configured(tmp_path, lane, autojump_clock) -> None:
+    from tests.stages.conftest import FakeEmbedder
+
+    openai = FakeEmbedder()
+    w = make_world(tmp_path, backend=Backend.OLLAMA, extra={Backend.OPENAI: openai},
+                   FALLBACK_MODELS='{"nomic-embed-text": "text-embedding-3-small"}')
+    w.embedder.faults = [Fault.MODEL_MISSING]
+    try:
+        ids = await _run(w, [w.work(0), w.work(1)], lane)
+        assert sorted(ids) == [tid(0), tid(1)]
+        assert openai.calls == [["text number 0", "text number 1"]]
+        assert all(_outcome(w, i).state == "succeeded" for i in range(2))
+        assert w.api.sent("pending") == [] and w.rt.board.unservable == {}
+        assert w.metric("embedding_fallbacks_total", model=MODEL, fallback="text-embedding-3-small") == 2
+    finally:
+        w.close()
+
+
+async def test_busy_never_counts_an_attempt_even_when_others_were_answered(tmp_path, lane, autojump_clock) -> None:
+    w = make_world(tmp_path, MAX_TASK_ATTEMPTS=1)
+    w.embedder.poison = {"POISON": Fault.BUSY}
+    poison = w.work(99, "a POISON pill")
+    try:
+        for k in (1, 2, 3):
+            await _round(w, poison, w.work(k), lane)
+            assert w.api.states[poison.id] == "pending"
+        assert w.journal.attempts([poison.id]) == {}
+        assert sorted(drain(lane[1])) == [tid(1), tid(2), tid(3)]  # only the good ones were reported
+    finally:
+        w.close()

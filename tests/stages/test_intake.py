@@ -188,3 +188,19 @@ async def test_the_poller_does_not_poll_while_admission_is_paused(world: World, 
         work = await lanes.intake_r.receive()
         assert work.id == tid(0) and trio.current_time() >= 30.0
         world.rt.stopping.set()
+
+
+@pytest.mark.parametrize("which", ["api", "backends"])
+async def test_the_poller_waits_while_polling_would_be_pointless(world: World, lanes: Lanes, autojump_clock, which: str) -> None:
+    world.api.pending_list = [entry(0)]
+    guard = world.api.guard if which == "api" else world.rt.board.guards[world.backend]
+    guard.force_open()
+    until = guard.blocked_until()
+    assert until is not None
+    async with trio.open_nursery() as n:
+        n.start_soon(intake.poller, world.rt, lanes.intake_s, lanes.rejects_s)
+        await trio.sleep(until - trio.current_time() - 0.01)
+        assert world.api.polls == 0  # the API breaker is open, or no backend would take the work
+        work = await lanes.intake_r.receive()
+        assert work.id == tid(0) and trio.current_time() >= until
+        world.rt.stopping.set()
