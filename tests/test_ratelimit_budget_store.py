@@ -153,9 +153,19 @@ async def test_a_settlement_the_store_cannot_take_counts_at_once_and_is_written_
 async def test_a_settlement_redis_cannot_take_is_written_before_the_next_admission(own_redis):  # noqa: F811
     port, holder, start = own_redis
     client = coredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", decode_responses=True, connect_timeout=1, stream_timeout=1)
+    async def answering() -> None:  # a redis-server just started may not listen yet
+        with trio.fail_after(20):
+            while True:
+                try:
+                    await client.ping()
+                    return
+                except Exception:  # noqa: BLE001 - still starting
+                    await trio.sleep(0.1)
+
     async with client:
         lim = RedisLimiter(RedisShared(client, prefix="defer"), {}, strategy=rl.Strategy.ROLLING, tz_name="UTC", metrics=None,
                            tokens={rl.Period.DAY: 10_000}, prices=PRICES)
+        await answering()
         (r,) = (await lim.admit_at([rl.Demand(1_000, 0, "text-embedding-3-small")], T0)).reservations
         holder["proc"].terminate()
         holder["proc"].wait()
@@ -164,12 +174,7 @@ async def test_a_settlement_redis_cannot_take_is_written_before_the_next_admissi
         with pytest.raises(LimiterError):
             await lim.admit_at([rl.Demand(100, 0, None)], T0 + 1)
         holder["proc"] = start()  # an empty Redis (no persistence in this test server)
-        for _ in range(100):
-            try:
-                await client.ping()
-                break
-            except Exception:  # noqa: BLE001 - still starting
-                await trio.sleep(0.1)
+        await answering()
         d = await lim.admit_at([rl.Demand(1_000, 0, None)], T0 + 2)
         assert d.admitted == 1
         # the restarted Redis lost the first reservation (1,000); the deferred settlement (+3,000)
