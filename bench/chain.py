@@ -91,11 +91,12 @@ def one_run(args: argparse.Namespace, state_dir: str, metrics_port: int) -> dict
         wall = time.perf_counter() - world.started
         hits = metric(metrics_url, "wikidata_cache_lookups_total", {"result": "hit"})
         misses = metric(metrics_url, "wikidata_cache_lookups_total", {"result": "miss"})
+        degraded = metric(metrics_url, "wikidata_enrichment_degraded_total", {})
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
         world.close()
-    return {"summary": s, "wall": wall, "hits": hits, "misses": misses}
+    return {"summary": s, "wall": wall, "hits": hits, "misses": misses, "degraded": degraded}
 
 
 def report(name: str, args: argparse.Namespace, run: dict, before: tuple[float, float]) -> None:
@@ -115,7 +116,7 @@ def report(name: str, args: argparse.Namespace, run: dict, before: tuple[float, 
           f"answers {s['chat']['answers']})")
     print(f"  Wikidata requests per triage task {wd_requests / max(1, triage_tasks):.3f} ({s['wikidata']['requests']}); "
           f"cache hits {hits:.0f}/{hits + misses:.0f} ({100 * hits / max(1, hits + misses):.1f} %); "
-          f"max in flight {s['wikidata']['max_in_flight']}")
+          f"max in flight {s['wikidata']['max_in_flight']}; results sent without ids {run['degraded']:.0f}")
 
 
 def main() -> None:

@@ -52,3 +52,15 @@ def test_check_fails_on_a_chat_model_ollama_cannot_serve(world):
     assert r.returncode == 1 and "identifying_data chat model: FAIL" in r.stdout and "o3" in r.stdout
     r = run("check", env={**env, "MODEL_MAP": "o3=qwen3:4b"})
     assert "identifying_data chat model: OK" in r.stdout, r.stdout
+
+
+def test_demo_prints_the_chain_per_claim():
+    r = run("demo", "--tasks", "10", "--claims", "2", env={}, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "claim 1:" in out and "claim 2:" in out and "chain summary: 2/2 claims complete" in out
+    people = [line for line in out.splitlines() if line.strip().startswith("people")]
+    assert len(people) == 2 and all("(Q" in line for line in people), people
+    for field in ("topics", "impact area", "severity"):
+        assert sum(1 for line in out.splitlines() if line.strip().startswith(field)) == 2
+    assert "results refused 0" in out

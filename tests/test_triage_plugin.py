@@ -52,3 +52,17 @@ async def test_a_plugin_type_is_registered_and_runs(installed_plugin):
     ports = KindPorts(chat=build_chat_backends(s, CollectorRegistry()))
     (out,) = await kind.compute(ports, [Work("b" * 24, kind.type, content.text, model, backend, content.params)])
     assert isinstance(out, Computed) and out.result["language"] in ("pt", "en", "es", "other")
+
+
+async def test_the_daemon_runs_a_plugin_type_against_the_sandbox(installed_plugin, sandbox, tmp_path):
+    from processor.daemon import Daemon
+    from tests.conftest import make_settings, running, wait_until
+
+    task = sandbox.state.create({"type": "defining_language", "content": {"text": "Bom dia, Brasil", "model": "o3"},
+                                 "callbackRoute": "verification_update_language", "callbackParams": {"targetId": "c" * 24, "field": "language"}})
+    bad = sandbox.state.create({"type": "defining_language", "content": "a bare string"})
+    async with running(Daemon(make_settings(sandbox, tmp_path), handle_signals=False)):
+        await wait_until(lambda: all(sandbox.state.tasks[t["_id"]]["state"] in ("succeeded", "failed") for t in (task, bad)))
+    done = sandbox.state.tasks[task["_id"]]
+    assert done["state"] == "succeeded" and done["result"]["language"] in ("pt", "en", "es", "other")
+    assert sandbox.state.tasks[bad["_id"]]["state"] == "failed"

@@ -192,3 +192,30 @@ async def test_cache_file_is_private_and_a_broken_one_never_stops_the_start(fake
     found, why = await wd.resolve(["Vacinação", "Vacinação"], people=False)
     await wd.aclose()
     assert why is None and found["Vacinação"] is not None
+
+
+async def test_the_same_name_asked_at_once_is_one_request(fake, tmp_path):
+    state, url = fake
+    state.latency = 0.05
+    wd = adapter(url, tmp_path)
+    async with trio.open_nursery() as n:
+        for _ in range(5):
+            n.start_soon(lambda: wd.resolve(["João Silva", "Vacinação"], people=True))
+    await wd.aclose()
+    assert state.requests == {"wbsearchentities": 2, "wbgetentities": 1}
+
+
+async def test_a_caller_that_gives_up_never_overlaps_requests_and_the_answer_is_kept(fake, tmp_path):
+    state, url = fake
+    state.latency = 0.4
+    wd = adapter(url, tmp_path, timeout=0.1)
+    wd._request_timeout = 5.0  # the request itself may take its time; the caller's bound is 0.1 s
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: wd.resolve(["Tema A"], people=False))
+        await trio.sleep(0.02)  # A holds the turn; B gives up waiting for it, before sending anything
+        n.start_soon(lambda: wd.resolve(["Tema B"], people=False))
+    assert state.max_in_flight == 1
+    await trio.sleep(1.0)  # the shielded request of the first caller finishes and is cached
+    found, why = await adapter(url, tmp_path).resolve(["Tema A"], people=False)
+    await wd.aclose()
+    assert why is None and found["Tema A"] is not None and state.requests["wbsearchentities"] == 1

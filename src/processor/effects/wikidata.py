@@ -19,7 +19,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -41,6 +41,11 @@ MAX_ATTEMPTS = 3  # per request, for maxlag / 429 / 503 (within the enrichment b
 DEFAULT_PAUSE = 5.0  # seconds, when Wikidata asks to back off without saying how long
 T = TypeVar("T")
 LOCK_TTL_MS = 30_000  # a replica that dies holding the shared lock frees it after this
+
+
+class _Pause(Exception):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
 
 
 class WikidataError(DependencyError):
@@ -254,7 +259,8 @@ class Wikidata:
         self._headers = {"User-Agent": user_agent(contact), "Accept": "application/json"}
         self._language = language
         self._timeout = timeout
-        self._request_timeout = request_timeout or timeout
+        # a request once sent is waited for: its own bound keeps the overshoot small
+        self._request_timeout = request_timeout or min(timeout, 5.0)
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(self._request_timeout, connect=min(5.0, self._request_timeout)))
         self._cache = cache
         self._ttl = cache_ttl
@@ -278,7 +284,7 @@ class Wikidata:
             except BreakerOpen:
                 reason = "breaker_open"
             except WikidataError as exc:
-                reason = "down"
+                reason = "slow" if exc.fault is Fault.TIMEOUT else "down"
                 self._log.warning("wikidata_unavailable", error=str(exc), fault=exc.fault.value)
         if scope.cancelled_caught:
             reason = "slow"
@@ -293,19 +299,12 @@ class Wikidata:
         self._count_cache("search", len(cached), len(set(keys.values())))
         candidates: dict[str, list[Entity]] = {}
         for name in names:
-            if keys[name] in cached:
-                candidates[name] = [e for e in map(wd.entity_from_json, cached[keys[name]]) if e is not None]
-        if not people:
-            for name, cands in candidates.items():
-                found[name] = wd.best_match(cands, None)
-        for name in names:
-            if name in candidates:
-                continue
-            cands = _read(wd.parse_search, await self._get(wd.search_params(name, lang), "wbsearchentities"))
-            await self._cache.put_many({keys[name]: [wd.entity_to_json(e) for e in cands]}, self._ttl)
-            candidates[name] = cands
+            value = cached.get(keys[name])
+            if value is None:
+                value = await self._search(name, keys[name])
+            candidates[name] = [e for e in map(wd.entity_from_json, value) if e is not None]
             if not people:
-                found[name] = wd.best_match(cands, None)
+                found[name] = wd.best_match(candidates[name], None)
         if people:
             facts = await self._facts([c.id for cands in candidates.values() for c in cands])
             for name in names:
@@ -317,18 +316,43 @@ class Wikidata:
         keys = {i: f"facts:{lang}:{i}" for i in unique}
         cached = await self._cache.get_many(list(keys.values()))
         self._count_cache("facts", len(cached), len(unique))
-        out: dict[str, wd.Facts] = {}
-        for qid in unique:
-            value = cached.get(keys[qid])
-            if isinstance(value, list) and len(value) == 3:
-                out[qid] = wd.Facts(qid, bool(value[0]), value[1], value[2])
-        for batch in wd.chunks(i for i in unique if i not in out):
-            got = _read(lambda body: wd.parse_entities(body, lang), await self._get(wd.entities_params(batch, lang), "wbgetentities"))
-            for qid in batch:  # an id Wikidata did not return is remembered as "not a person"
-                out[qid] = got.get(qid, wd.Facts(qid, False))
-            await self._cache.put_many(
-                {keys[q]: [out[q].human, out[q].label, out[q].description] for q in batch}, self._ttl)
-        return out
+        values = {q: cached[keys[q]] for q in unique if keys[q] in cached}
+        for batch in wd.chunks(i for i in unique if i not in values):
+            values.update(await self._entities(batch, keys))
+        return {q: wd.Facts(q, bool(v[0]), v[1], v[2]) for q, v in values.items() if isinstance(v, list) and len(v) == 3}
+
+    async def _search(self, name: str, key: str) -> Any:
+        """The cached search answer for `name`: looked up again inside the turn (a request
+        ahead in the queue may have fetched it), else asked of Wikidata and cached."""
+        async def attempt() -> Any:
+            hit = await self._cache.get_many([key])
+            if key in hit:
+                return hit[key]
+            body = await self._request(wd.search_params(name, self._language), "wbsearchentities")
+            value = [wd.entity_to_json(e) for e in _read(wd.parse_search, body)]
+            await self._cache.put_many({key: value}, self._ttl)
+            return value
+
+        return await self._in_turn(attempt)
+
+    async def _entities(self, batch: list[str], keys: Mapping[str, str]) -> dict[str, Any]:
+        """Facts of up to 50 items, the ones not cached meanwhile in one `wbgetentities`."""
+        lang = self._language
+
+        async def attempt() -> dict[str, Any]:
+            hit = await self._cache.get_many([keys[q] for q in batch])
+            out = {q: hit[keys[q]] for q in batch if keys[q] in hit}
+            missing = [q for q in batch if q not in out]
+            if missing:
+                body = await self._request(wd.entities_params(missing, lang), "wbgetentities")
+                got = _read(lambda b: wd.parse_entities(b, lang), body)
+                for q in missing:  # an id Wikidata did not return is remembered as "not a person"
+                    f = got.get(q, wd.Facts(q, False))
+                    out[q] = [f.human, f.label, f.description]
+                await self._cache.put_many({keys[q]: out[q] for q in missing}, self._ttl)
+            return out
+
+        return await self._in_turn(attempt)
 
     def _count_cache(self, kind: str, hits: int, total: int) -> None:
         if hits:
@@ -336,26 +360,37 @@ class Wikidata:
         if total - hits:
             self._metrics.wikidata_cache.labels(kind, "miss").inc(total - hits)
 
-    async def _get(self, params: dict[str, str], action: str) -> Any:
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+    async def _in_turn(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` holding the turn (one request at a time). Once it holds the turn,
+        the request is waited for even if the caller gives up (shielded, bounded by the
+        request timeout): Wikidata never sees two requests of ours at once, and the answer
+        still reaches the cache. maxlag / 429 / 503: wait Retry-After, try again."""
+        for _ in range(MAX_ATTEMPTS):
             self.guard.check()
             async with self._turn:
-                outcome, body, pause = await self._request_once(params, action)
-            if outcome == "ok":
-                return body
+                with trio.CancelScope(shield=True):
+                    try:
+                        return await attempt()
+                    except _Pause as p:
+                        pause = p.seconds
             await self._turn.pause(pause)
-            if attempt == MAX_ATTEMPTS:
-                break
-        raise WikidataError(f"Wikidata asked to back off {MAX_ATTEMPTS} times ({action})", Fault.BUSY)
+        raise WikidataError(f"Wikidata asked to back off {MAX_ATTEMPTS} times", Fault.BUSY)
+
+    async def _request(self, params: dict[str, str], action: str) -> Any:
+        outcome, body, pause = await self._request_once(params, action)
+        if outcome != "ok":
+            raise _Pause(pause)
+        return body
 
     async def _request_once(self, params: dict[str, str], action: str) -> tuple[str, Any, float]:
         """("ok", body, 0) or ("pause", None, seconds); raises WikidataError otherwise."""
         self.requests += 1
         try:
-            resp = await self._http.get(self._url, params=params, headers=self._headers)
-        except trio.Cancelled:
-            self._record(action, "cancelled", Outcome.FAILURE)  # too slow for the enrichment bound
-            raise
+            resp = None
+            with trio.move_on_after(self._request_timeout * 1.5):  # a whole-request bound, not per read
+                resp = await self._http.get(self._url, params=params, headers=self._headers)
+            if resp is None:
+                raise httpx.ReadTimeout("no complete answer in time")
         except httpx.TimeoutException:
             self._record(action, "timeout", Outcome.FAILURE)
             raise WikidataError(f"Wikidata {action} timed out", Fault.TIMEOUT) from None
