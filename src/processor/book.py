@@ -162,12 +162,17 @@ class Book:
         if Effect.COUNT_ATTEMPT in want:
             await self._quiet(self.journal.count_attempts(want[Effect.COUNT_ATTEMPT], self.wall()), "attempt_count_failed")
         if Effect.DELETE_JOURNAL in want:
-            await self._quiet(self.journal.finish(want[Effect.DELETE_JOURNAL]), "journal_update_failed")
+            reported = set(want.get(Effect.COMPLETE_LEASE, ()))  # the story is over: attempts go too
+            ended = [i for i in want[Effect.DELETE_JOURNAL] if i in reported]
+            other = [i for i in want[Effect.DELETE_JOURNAL] if i not in reported]
+            if ended:
+                await self._quiet(self.journal.finish(ended, attempts=True), "journal_update_failed")
+            if other:
+                await self._quiet(self.journal.finish(other), "journal_update_failed")
         if Effect.RELEASE_LEASE in want:
             await self._quiet(self.leases.release(want[Effect.RELEASE_LEASE]), "lease_release_failed")
-        if Effect.COMPLETE_LEASE in want:  # reported: the story is over, attempts too
+        if Effect.COMPLETE_LEASE in want:
             await self._quiet(self.leases.complete(want[Effect.COMPLETE_LEASE]), "lease_complete_failed")
-            await self._quiet(self.journal.clear_attempts(want[Effect.COMPLETE_LEASE]), "journal_update_failed")
         if Effect.FORGET in want:
             self._forget([(i, s) for i, s in steps if Effect.FORGET in s.effects])
 

@@ -171,11 +171,12 @@ class Runtime:
         return self.book.outbox_size
 
     # -- reporting -------------------------------------------------------------------------
-    async def report(self, task_id: str) -> Outcome | None:
+    async def report(self, task_id: str, *, settle: bool = True) -> Outcome | None:
         """PATCH the task's final state until the API takes it. Returns the outcome the story
         ended with (what the API took, the last one it refused, or the one of a task gone);
         None when given up at shutdown (the outbox keeps the result for the next start) or
-        when there was nothing to report."""
+        when there was nothing to report. `settle=False`: the caller fires REPORT_OK for a
+        taken report itself (one journal transaction for a whole batch)."""
         last: Outcome | None = None
         while True:
             rec = self.book.records.get(task_id)
@@ -197,7 +198,8 @@ class Runtime:
                 self.metrics.rejected.labels(f"report_{exc.status}").inc()
                 await self.book.move([task_id], Event.REPORT_REFUSED, why=f"{exc.status}: {exc}"[:300])
                 continue  # a refused success is reported `failed` with why; a refused failure ends it
-            await self.book.move([task_id], Event.REPORT_OK)
+            if settle:
+                await self.book.move([task_id], Event.REPORT_OK)
             return o
 
     async def _patch_final(self, task_id: str, o: Outcome) -> None:

@@ -240,13 +240,16 @@ class JournalStore:
             "INSERT OR REPLACE INTO outbox (task_id, state, vector, reason, computed_at, created_at, result_json)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)", data))
 
-    async def finish(self, task_ids: Sequence[str]) -> None:
-        """The API took these reports: drop their outbox and journal rows together."""
+    async def finish(self, task_ids: Sequence[str], *, attempts: bool = False) -> None:
+        """Drop the tasks' outbox and journal rows together (and their attempt counts, when
+        their story is over: reported), in one transaction."""
         ids = [(i,) for i in task_ids]
 
         def fn(c: sqlite3.Connection) -> None:
             c.executemany("DELETE FROM outbox WHERE task_id = ?", ids)
             c.executemany("DELETE FROM journal WHERE task_id = ?", ids)
+            if attempts:
+                c.executemany("DELETE FROM attempts WHERE task_id = ?", ids)
 
         await self.db.run(fn)
 

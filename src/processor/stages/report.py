@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import trio
 
+from processor.pure.lifecycle import Event, Phase
 from processor.runtime import Runtime
 
 
@@ -27,6 +28,7 @@ async def _report_batch(rt: Runtime, ids: list[str], slots: trio.Semaphore) -> N
 
 async def report_batch(rt: Runtime, ids: Sequence[str]) -> None:
     done: list[tuple[str, str, str | None]] = []
+    taken: list[str] = []  # reports the API took: their rows go in one transaction
     now = trio.current_time()
     wall = rt.wall()
 
@@ -36,8 +38,11 @@ async def report_batch(rt: Runtime, ids: Sequence[str]) -> None:
             return
         work = rt.book.works.get(task_id)
         claimed_at = rt.book.claimed_at.get(task_id)
-        o = await rt.report(task_id)  # what the API took (a refused result: `failed` with why)
+        o = await rt.report(task_id, settle=False)  # what the API took (a refused result: `failed` with why)
         if o is not None:
+            rec_now = rt.book.records.get(task_id)
+            if rec_now is not None and rec_now.phase is Phase.COMPUTED:
+                taken.append(task_id)
             if claimed_at is not None:
                 rt.metrics.task_duration.observe(now - claimed_at)
             if work is not None and work.created_at is not None:
@@ -46,9 +51,14 @@ async def report_batch(rt: Runtime, ids: Sequence[str]) -> None:
             rt.metrics.tasks_processed.labels(kind, o.state).inc()
             done.append((task_id, o.state, o.reason))
 
-    async with trio.open_nursery() as n:
-        for i in ids:
-            n.start_soon(one, i)
+    try:
+        async with trio.open_nursery() as n:
+            for i in ids:
+                n.start_soon(one, i)
+    finally:
+        if taken:
+            with trio.CancelScope(shield=True):
+                await rt.book.move(taken, Event.REPORT_OK)
     if done:
         await rt.finished([d[0] for d in done])
         ok = sum(1 for d in done if d[1] == "succeeded")
