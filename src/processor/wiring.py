@@ -53,7 +53,8 @@ async def _run_with_redis(settings: Settings) -> int:
         shared = RedisShared(client, prefix=settings.redis_key_prefix, metrics=metrics)
         limiter, openai_limiter = build_limiters(settings, shared, metrics)
         leases = RedisLeases(shared, ttl=settings.lease_ttl_seconds)
-        daemon = Daemon(settings, metrics=metrics, limiter=limiter, openai_limiter=openai_limiter, leases=leases)
+        daemon = Daemon(settings, metrics=metrics, limiter=limiter, openai_limiter=openai_limiter, leases=leases,
+                        redis_client=client)  # the Wikidata cache and turn are shared too
         async with trio.open_nursery() as n:
             n.start_soon(leases.renew_forever)
             n.start_soon(shared.watch)
