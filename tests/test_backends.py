@@ -710,11 +710,14 @@ async def test_daemon_parameter_400_is_one_clear_message_no_split_storm_no_task_
     route = respx.post(f"{OPENAI}/v1/embeddings").mock(return_value=openai_error(400, "matryoshka_dim=1024 is not in a valid range"))
     sandbox.state.seed(64, model=MODEL)
     daemon = Daemon(openai_settings(sandbox, tmp_path), handle_signals=False)
+    started = trio.current_time()
     async with running(daemon):
         await wait_until(lambda: released_or_failed(sandbox))
         reasons = daemon.not_ready_reasons()
         await trio.sleep(0.5)  # and no claiming while the backend is down
-    assert route.call_count <= 2
+    # one request, then at most one probe per breaker wait (5 s, doubling) however slow the
+    # machine ran this test; a split storm would be ~127
+    assert route.call_count <= 2 + int((trio.current_time() - started) / 5.0)
     assert not failed(sandbox) and sandbox.state.by_state() == {"pending": 64}
     assert any("openai" in r and "EMBEDDING_DIMENSIONS" in r for r in reasons)
     unavailable = [e for e in captured_logs if e["event"] == "backend_unusable"]

@@ -98,6 +98,11 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
         if not isinstance(exc, DependencyError):
             return False
         r = policy.rule(kind.dependency, exc.fault)
+        if r.action is Action.SPLIT and len(works) > 1:
+            # maybe one input's fault (a healthy server with a poison input): the halves will
+            # tell; only a lone task's failure counts against the backend
+            guard.record(BreakerOutcome.IGNORED)
+            return False
         guard.record(r.breaker)
         if r.action is Action.PACE:
             rt.metrics.retries.labels(backend.value, exc.fault.value).inc()
