@@ -18,7 +18,7 @@ import trio
 from processor.board import Admission, BackendBoard
 from processor.book import Book
 from processor.config import Settings
-from processor.effects.api import ApiError, TaskApi
+from processor.effects.api import ApiError, TaskApi, fault_for_status
 from processor.effects.auth import TokenProvider
 from processor.effects.guard import Guard
 from processor.effects.leases import Leases
@@ -39,30 +39,9 @@ RELEASE_TIMEOUT = 3.0  # the shielded clean-up bound at shutdown
 
 
 def api_fault(exc: ApiError) -> Fault:
-    """Classify a task API error (its status) into the shared vocabulary."""
+    """The fault of a task API error (the adapter classified it; `effects.api.fault_for_status`)."""
     fault = getattr(exc, "fault", None)
-    if isinstance(fault, Fault):
-        return fault
-    s = exc.status
-    if s is None:
-        return Fault.UNREACHABLE
-    if s == 401:
-        return Fault.TOKEN_EXPIRED
-    if s == 403:
-        return Fault.AUTH
-    if s == 404:
-        return Fault.NOT_FOUND
-    if s == 429:
-        return Fault.RATE_LIMITED
-    if s == 503:
-        return Fault.BUSY
-    if s == 408:
-        return Fault.TIMEOUT
-    if s >= 500:
-        return Fault.SERVER
-    if s == 413:
-        return Fault.INPUT
-    return Fault.REFUSED
+    return fault if isinstance(fault, Fault) else fault_for_status(exc.status)
 
 
 def api_retryable(exc: BaseException) -> bool | float:

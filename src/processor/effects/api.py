@@ -73,10 +73,11 @@ class ApiError(Exception):
         self.status = status
         self.kind = kind
         self.retry_after = retry_after
-        self.fault = fault if fault is not None else _fault_for(status)
+        self.fault = fault if fault is not None else fault_for_status(status)
 
 
-def _fault_for(status: int | None) -> Fault:
+def fault_for_status(status: int | None) -> Fault:
+    """The task API's answer, classified (the one place that reads its statuses)."""
     if status is None:
         return Fault.UNREACHABLE
     if status == 401:
@@ -93,6 +94,8 @@ def _fault_for(status: int | None) -> Fault:
         return Fault.TIMEOUT
     if status >= 500:
         return Fault.SERVER
+    if status == 413:
+        return Fault.INPUT  # our request was too large: retrying will not help
     if status >= 400:
         return Fault.REFUSED
     return Fault.MALFORMED
