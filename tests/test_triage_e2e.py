@@ -178,3 +178,27 @@ def _env_of(world: World, tmp_path) -> dict[str, str]:
     world.chain.embedding_model = "text-embedding-3-small"
     return {**world.env(), "PROCESSING_MODE": "openai", "OPENAI_API_KEY": "sk-test", "STATE_DIR": str(tmp_path / "state"),
             "METRICS_HOST": "127.0.0.1", "METRICS_PORT": "0", "RATE_LIMIT_ENABLED": "false", "WIKIDATA_CONTACT": "tests@example.org"}
+
+
+async def test_every_task_counts_against_the_rate_limit_whatever_its_type(world, tmp_path):
+    world.chain.seed(1)
+    settings = settings_for(world, tmp_path, "mock", RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_HOUR="3")
+    async with running(Daemon(settings, handle_signals=False)):
+        await wait_until(lambda: world.sandbox.by_state().get("succeeded", 0) == 3, timeout=30)
+        await trio.sleep(1.5)  # several polls: nothing more is claimed this hour
+        states = world.sandbox.by_state()
+    assert states == {"succeeded": 3, "pending": 1}  # embedding, identifying_data, one of topics/area
+    assert world.chain.accepted["text_embedding"] == 1 and world.chain.accepted["identifying_data"] == 1
+
+
+@pytest.mark.parametrize(("grace", "expected"), [("0.3", "pending"), ("8", "succeeded")])
+async def test_a_chat_call_at_shutdown_gets_the_grace_then_is_released(world, tmp_path, grace, expected):
+    world.chat.latency = 2.0
+    world.chain.seed(1)
+    daemon = Daemon(settings_for(world, tmp_path, "openai", SHUTDOWN_GRACE_SECONDS=grace), handle_signals=False)
+    async with trio.open_nursery() as n:
+        n.start_soon(daemon.run)
+        await wait_until(lambda: world.chat.in_flight == 1, timeout=30)
+        daemon.stop()
+    (ident,) = [t for t in world.sandbox.tasks.values() if t["type"] == "identifying_data"]
+    assert ident["state"] == expected and failed(world) == []
