@@ -23,7 +23,7 @@ from processor.pure.policy import Action as A
         (F.UNREACHABLE, A.RETRY, A.BACKEND_UNUSABLE),
         (F.MALFORMED, A.RETRY, A.RETRY_LATER),
         (F.BAD_ANSWER, A.RETRY, A.RETRY_LATER),
-        (F.PARAMETER, A.BACKEND_UNUSABLE, A.RELEASE),
+
         (F.DIMENSION, A.BACKEND_UNUSABLE, A.RELEASE),
         (F.AUTH, A.BACKEND_UNUSABLE, A.RELEASE),
         (F.QUOTA, A.BACKEND_UNUSABLE, A.RELEASE),
@@ -36,6 +36,15 @@ def test_backend_rows(dep: D, fault: F, now: A, lone: A) -> None:
     assert policy.after_retries(r, group_size=1) is lone
     if now is A.SPLIT:
         assert policy.after_retries(r, group_size=2) is A.SPLIT
+
+
+@pytest.mark.parametrize(("dep", "now", "then"), [(D.EMBEDDING, A.BACKEND_UNUSABLE, A.RELEASE),
+                                                  (D.CHAT, A.RETRY, A.BACKEND_UNUSABLE)])
+def test_a_refused_parameter(dep: D, now: A, then: A) -> None:
+    """Embeddings: a configuration problem at once. Chat: the adapter drops the parameter the
+    model refused, so one retry first (the breaker is shared with the backend's embeddings)."""
+    r = policy.rule(dep, F.PARAMETER)
+    assert r.action is now and policy.after_retries(r, group_size=1) is then
 
 
 def test_only_input_faults_fail_a_task() -> None:

@@ -33,6 +33,7 @@ from processor.config import Limits, Settings
 from processor.effects.limiter import LimiterError, TierWatch, Unlimited, budget_maps, format_usage, free_decision, limits_map
 from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
+from processor.effects.retrying import retrying
 from processor.pure import ratelimit as rl
 from processor.pure.budget import ModelPrice
 from processor.pure.faults import Dependency, Fault
@@ -224,16 +225,15 @@ class RedisShared:
     async def watch(self) -> None:
         """While Redis is marked unavailable, ask it for the time every few seconds, so that
         readiness comes back as soon as Redis does, even when no work needs it."""
-        delay = 0.5
         while True:
-            await trio.sleep(delay)
+            await trio.sleep(0.5)
             if self.unavailable is None:
-                delay = 0.5
                 continue
-            try:
-                await self.now()
-            except RedisUnavailable:
-                delay = min(delay * 2, 5.0)
+            # the one retry primitive: back off (up to 5 s) until Redis tells the time again
+            async for attempt in retrying(name="redis_watch", on=lambda e: isinstance(e, RedisUnavailable),
+                                          attempts=1_000_000_000, base=0.5, cap=5.0):
+                with attempt:
+                    await self.now()
 
     async def now(self) -> float:
         sec, usec = await self.call("time", [], [])

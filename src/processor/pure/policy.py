@@ -95,6 +95,8 @@ _STATE: dict[F, Rule] = {f: Rule(A.RETRY, then=A.RELEASE) for f in F}
 POLICY: Mapping[tuple[D, F], Rule] = {
     **{(D.EMBEDDING, f): r for f, r in _BACKEND.items()},
     **{(D.CHAT, f): r for f, r in _BACKEND.items()},
+    # the chat adapter drops a parameter the model refused and asks again: one retry first
+    (D.CHAT, F.PARAMETER): Rule(A.RETRY, then=A.BACKEND_UNUSABLE, breaker=_IGN),
     **{(D.TASK_API, f): r for f, r in _TASK_API.items()},
     **{(D.TOKEN, f): r for f, r in _TOKEN.items()},
     **{(D.WIKIDATA, f): r for f, r in _WIKIDATA.items()},
