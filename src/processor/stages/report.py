@@ -26,13 +26,27 @@ async def _report_batch(rt: Runtime, ids: list[str], slots: trio.Semaphore) -> N
         slots.release()
 
 
+SETTLE_WAIT = 1.0  # seconds the reports a batch got through wait for its slower ones before they settle
+
+
 async def report_batch(rt: Runtime, ids: Sequence[str]) -> None:
     done: list[tuple[str, str, str | None]] = []
     taken: list[str] = []  # reports the API took: their rows go in one transaction
     now = trio.current_time()
     wall = rt.wall()
+    left = len(ids)
+    all_in = trio.Event()
 
     async def one(task_id: str) -> None:
+        nonlocal left
+        try:
+            await _one(task_id)
+        finally:
+            left -= 1
+            if left == 0:
+                all_in.set()
+
+    async def _one(task_id: str) -> None:
         rec = rt.book.records.get(task_id)
         if rec is None or rec.outcome is None:
             return
@@ -55,13 +69,25 @@ async def report_batch(rt: Runtime, ids: Sequence[str]) -> None:
         async with trio.open_nursery() as n:
             for i in ids:
                 n.start_soon(one, i)
+            while ids and not all_in.is_set():
+                with trio.move_on_after(SETTLE_WAIT):
+                    await all_in.wait()
+                if not all_in.is_set():  # one report the API keeps failing must not hold the others
+                    await _settle(rt, taken)
     finally:
-        if taken:
-            with trio.CancelScope(shield=True):
-                await rt.book.move(taken, Event.REPORT_OK)
+        await _settle(rt, taken)
     if done:
         await rt.finished([d[0] for d in done])
         ok = sum(1 for d in done if d[1] == "succeeded")
         rt.log.info("batch_reported", component="report", succeeded=ok, failed=len(done) - ok)
         for tid, state, reason in done:
             rt.log.debug("task_reported", component="report", task_id=tid, state=state, reason=reason)
+
+
+async def _settle(rt: Runtime, taken: list[str]) -> None:
+    """REPORT_OK for the reports taken so far, in one journal transaction (shielded)."""
+    if taken:
+        batch = taken[:]
+        del taken[:]
+        with trio.CancelScope(shield=True):
+            await rt.book.move(batch, Event.REPORT_OK)
