@@ -129,3 +129,20 @@ async def test_the_reporter_reports_every_batch_it_is_given(world: World, autoju
     await report.reporter(world.rt, recv)
     assert {p.task_id for p in world.api.sent("succeeded") if p.answer == "ok"} == set(ids)
     assert world.outbox_ids() == set() and _processed(world, "succeeded") == 6
+
+
+async def test_a_report_the_api_does_not_answer_does_not_hold_the_others_of_its_batch(world: World, autojump_clock) -> None:
+    ids = await _computed(world, *[Outcome.success(VECTOR)] * 3)
+    world.api.hold[(ids[1], "succeeded")] = trio.Event()  # this one PATCH hangs (never answered)
+    async with trio.open_nursery() as n:
+        n.start_soon(report.report_batch, world.rt, ids)
+        await trio.sleep(report.SETTLE_WAIT + 0.5)  # virtual; the settling write runs on a thread:
+        for _ in range(1_000_000):  # wait for it without moving the clock
+            if len(world.rt.book) == 1:
+                break
+            await trio.lowlevel.checkpoint()
+        # the two the API took are done: rows gone, out of the book (their room is free)
+        assert set(world.rt.book.records) == {ids[1]}
+        assert world.outbox_ids() == {ids[1]} and world.journal_ids() == {ids[1]}
+        n.cancel_scope.cancel()
+    assert world.outbox_ids() == {ids[1]}  # the one not taken stays for later
