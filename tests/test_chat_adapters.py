@@ -237,3 +237,18 @@ async def test_mock_is_deterministic_and_valid(task_type):
     other = ChatRequest(other.model, other.system, other.user.replace("Recife", "Manaus"), other.schema, other.schema_name, other.task_type)
     if task_type is t.TriageType.DEFINING_TOPICS:
         assert orjson.loads((await chat.complete(other)).content_json) != orjson.loads(a.content_json)
+
+
+def test_chat_model_labels_are_bounded() -> None:
+    """A task chooses its model name: the metric's label values must stay bounded."""
+    from prometheus_client import CollectorRegistry
+
+    from processor.effects.chat.metrics import MODEL_LABELS_MAX, ChatMetrics
+
+    r = CollectorRegistry()
+    m = ChatMetrics(r)
+    for i in range(MODEL_LABELS_MAX + 500):
+        m.requests.labels("openai", f"model-{i}" + "x" * 300, "defining_topics", "success").inc()
+    models = {s.labels["model"] for fam in r.collect() if fam.name == "chat_requests" for s in fam.samples}
+    assert len(models) == MODEL_LABELS_MAX + 1 and "other" in models
+    assert max(len(x) for x in models) <= 100

@@ -109,9 +109,11 @@ async def test_no_secret_is_ever_logged_or_exposed(sandbox, tmp_path):
         daemon = Daemon(settings, handle_signals=False)
         async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:
             await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) >= 5, timeout=60)
+            issued = list(sandbox.state.tokens)  # revoking forgets them: keep them for the scan
             sandbox.state.revoke_all()
             sandbox.state.client_secret = "rotated"
-            await trio.sleep(1.0)
+            # the next request (a claim, a report or the next poll) needs a new token, refused
+            await wait_until(lambda: "token_request_failed" in buf.getvalue(), timeout=60)
             sandbox.state.client_secret = CLIENT_SECRET
             await wait_until(all_done(sandbox.state, 40), timeout=60)
             exposed = (await c.get("/health")).text + (await c.get("/metrics")).text + (await c.get("/ready")).text
@@ -119,7 +121,7 @@ async def test_no_secret_is_ever_logged_or_exposed(sandbox, tmp_path):
         configure_logging("WARNING", "json")
     logged = buf.getvalue()
     assert "token_request_failed" in logged and "task_rejected" not in logged  # the scenario happened
-    tokens = list(sandbox.state.tokens)
+    tokens = issued + list(sandbox.state.tokens)
     assert tokens
     for secret in [CLIENT_SECRET, API_KEY, "REDISPASS-do-not-log", *tokens]:
         assert secret not in logged, secret

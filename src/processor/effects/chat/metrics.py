@@ -8,23 +8,42 @@ Labels are bounded: backend and task type are enums, models come from tasks and 
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from processor.effects.metrics import LATENCY_BUCKETS, Metrics
 
+MODEL_LABELS_MAX = 50  # distinct model names with their own series; the rest are "other"
+
+
+class _BoundedModels:
+    """A labelled metric whose model label values (task-chosen names) are bounded."""
+
+    def __init__(self, metric: Any, positions: tuple[int, ...], bound: Any) -> None:
+        self._metric = metric
+        self._positions = positions
+        self._bound = bound
+
+    def labels(self, *values: str) -> Any:
+        out = list(values)
+        for p in self._positions:
+            out[p] = self._bound(out[p])
+        return self._metric.labels(*out)
+
 
 class ChatMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.requests = Counter(
+        self._models: set[str] = set()
+        self.requests = _BoundedModels(Counter(
             "chat_requests_total", "Chat model requests by backend, model, task type and outcome",
             ["backend", "model", "task_type", "outcome"], registry=r,
-        )
-        self.tokens = Counter(
+        ), (1,), self.model_label)
+        self.tokens = _BoundedModels(Counter(
             "chat_tokens_used_total", "Chat model tokens by backend, model, task type and kind (prompt/completion)",
             ["backend", "model", "task_type", "kind"], registry=r,
-        )
+        ), (1,), self.model_label)
         self.duration = Histogram(
             "chat_request_duration_seconds", "Chat request latency", ["backend"], buckets=LATENCY_BUCKETS, registry=r,
         )
@@ -32,9 +51,9 @@ class ChatMetrics:
             "chat_bad_answers_total", "Model answers that were unusable, by task type and reason",
             ["task_type", "reason"], registry=r,
         )
-        self.model_mapped = Counter(
+        self.model_mapped = _BoundedModels(Counter(
             "chat_model_mapped_total", "Tasks whose model was mapped by MODEL_MAP", ["model", "mapped_to"], registry=r,
-        )
+        ), (0, 1), self.model_label)
         self.ollama_pulls = Counter("chat_ollama_pulls_total", "Chat models pulled on first use, by outcome", ["outcome"], registry=r)
         self.wikidata_requests = Counter(
             "wikidata_requests_total", "Wikidata API requests by action and outcome", ["action", "outcome"], registry=r,
@@ -47,6 +66,18 @@ class ChatMetrics:
             "Results sent without (some) Wikidata ids, by reason (down, slow, breaker_open, disabled)",
             ["reason"], registry=r,
         )
+
+
+    def model_label(self, name: str) -> str:
+        """A task names its model: the first MODEL_LABELS_MAX distinct names get their own
+        series (cut to 100 characters), every later one is `other`."""
+        name = str(name)[:100]
+        if name in self._models:
+            return name
+        if len(self._models) < MODEL_LABELS_MAX:
+            self._models.add(name)
+            return name
+        return "other"
 
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, ChatMetrics] = weakref.WeakKeyDictionary()
