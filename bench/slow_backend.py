@@ -19,12 +19,13 @@ import argparse
 import signal
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import trio
 
 from processor.sandbox.fake_backends import SLOW_PER_CHAR, FakeBackendState
-from processor.sandbox.harness import DAEMON_SRC, LOCAL_MODEL, REMOTE_MODEL, hostile_world
+from processor.sandbox.harness import DAEMON_SRC, LOCAL_MODEL, REMOTE_MODEL, event_names, hostile_world
 
 # DEFAULT settings: only what says where the peers are and where state lives.
 GRACE = 25.0  # SHUTDOWN_GRACE_SECONDS default
@@ -57,6 +58,7 @@ async def main(args: argparse.Namespace) -> None:
             if code is None:
                 d.kill()
             left = w.states().get("in_progress", 0)
+            events = Counter(event_names(d.log_text()))
     print(f"daemon from {DAEMON_SRC or 'this tree'}; fake {args.mode}, slow CPU server (1 s per 2,000 characters, one request at a time,"
           " abandoned requests still computed)")
     print(f"tasks: {args.tasks} x {args.chars} characters; ideal (server compute once): {ideal:.0f} s")
@@ -68,6 +70,8 @@ async def main(args: argparse.Namespace) -> None:
           f"server still busy {max(0.0, fake.busy_until - trio.current_time()):.0f} s past the end")
     print(f"SIGTERM: exit {code if code is not None else 'none (killed)'} after {exit_s:.1f} s (grace {GRACE:.0f} s); "
           f"in_progress left: {left}")
+    notable = ("timeout", "split", "gave_up", "released", "breaker", "retry", "abandon", "adaptive", "size", "failed", "crash")
+    print(f"log events: {dict(sorted((k, v) for k, v in events.items() if any(n in k for n in notable)))}")
 
 
 if __name__ == "__main__":
