@@ -20,7 +20,7 @@ from processor.effects.retrying import Budget
 from processor.pure.tasks import Backend
 
 MODEL_RECHECK = 60.0  # seconds before a model found unservable is tried again
-UNSERVABLE_MAX = 50  # distinct model names remembered for /health (then "other")
+UNSERVABLE_MAX = 10  # distinct model names remembered for /health and metrics (then "other")
 
 
 class BackendBoard:
@@ -45,11 +45,13 @@ class BackendBoard:
             return None
         return entry[0]
 
-    def mark_unservable(self, model: str, why: str, *, retry_later: bool = True) -> None:
+    def mark_unservable(self, model: str, why: str, *, retry_later: bool = True) -> str:
+        """Remember why `model` is not served; returns its (bounded) label for metrics."""
         if retry_later:
             self.unusable_models[model] = (why[:300], trio.current_time())
-        label = model if len(self.unservable) < UNSERVABLE_MAX or model in self.unservable else "other"
+        label = model[:100] if len(self.unservable) < UNSERVABLE_MAX or model[:100] in self.unservable else "other"
         self.unservable[label] = why[:300]
+        return label
 
     def succeeded(self, backend: Backend, model: str) -> bool:
         """A good answer: clears what was wrong. True when the backend was out of credit."""

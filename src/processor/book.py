@@ -218,7 +218,11 @@ class Book:
 
     async def release(self, ids: Sequence[str], reason: str, *, event: Event = Event.RELEASE) -> int:
         """Hand claims back (PATCH pending) for tasks that hold no result. Returns how many
-        the API took back; the others keep their journal row for the next start."""
+        the API took back; the others keep their journal row for the next start. A task
+        whose claim PATCH got no answer (CLAIMING, or CLAIM_UNKNOWN) keeps its row even when
+        the release is taken: the API may still apply that claim after it (a slow request
+        is carried out though its client left), and the next start hands it back again."""
+        uncertain = {i for i in ids if self.phase(i) is Phase.CLAIMING}
         ids = [i for i in ids if i in self.records and event in lc.allowed(self.records[i].phase)]
         if not ids:
             return 0
@@ -243,8 +247,10 @@ class Book:
                     n.start_soon(one, i)
         finally:
             cut = [i for i in ids if i not in ok and i not in failed]  # cancelled mid-PATCH
+            sure = [i for i in ok if i not in uncertain]
+            kept = [i for i in ok if i in uncertain] + failed + cut
             with trio.CancelScope(shield=True):
-                await self.perform(self.fire(ok, Event.RELEASE_OK) + self.fire(failed + cut, Event.RELEASE_FAILED))
+                await self.perform(self.fire(sure, Event.RELEASE_OK) + self.fire(kept, Event.RELEASE_FAILED))
         self.metrics.released.labels(reason).inc(len(ok))
         _log.info("claims_released", count=len(ok), release_failed=len(ids) - len(ok), reason=reason)
         return len(ok)

@@ -79,14 +79,12 @@ def _run(settings: Settings, warnings: list[str]) -> int:
         log.warning("configuration_warning", message=w)
     from processor import wiring
 
-    restore = wiring.install_fallback_handlers()
+    wiring.install_fallback_handlers()  # kept until the process exits: a late signal is a no-op
     try:
         return trio.run(wiring.run, settings)
     except StartupError as exc:
         log.error("startup_failed", error=str(exc))
         return EXIT_FAIL
-    finally:
-        restore()
 
 
 # --- check --------------------------------------------------------------------------

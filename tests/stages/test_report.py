@@ -63,10 +63,10 @@ async def test_a_refused_result_is_reported_failed_with_why_once(world: World, a
 
 async def test_a_second_refusal_ends_it(world: World, autojump_clock) -> None:
     [i] = await _computed(world, Outcome.success(VECTOR))
-    world.api.answer(i, "succeeded", http(422))
-    world.api.answer(i, "failed", http(422))
+    world.api.answer(i, "succeeded", http(400))
+    world.api.answer(i, "failed", http(400))
     ended = await world.rt.report(i)
-    assert ended is not None and ended.state == "failed" and "refused the result: 422" in (ended.reason or "")
+    assert ended is not None and ended.state == "failed" and "refused the result: 400" in (ended.reason or "")
     assert [p.state for p in world.api.patches if p.state != "in_progress"] == ["succeeded", "failed"]
     assert world.rt.book.phase(i) is None and world.outbox_ids() == set() and world.journal_ids() == set()
 

@@ -96,8 +96,10 @@ def fault_for_status(status: int | None) -> Fault:
         return Fault.SERVER
     if status == 413:
         return Fault.INPUT  # our request was too large: retrying will not help
+    if status == 400:
+        return Fault.REFUSED  # the API (or its callback) refused it: a `succeeded` may already be saved
     if status >= 400:
-        return Fault.REFUSED
+        return Fault.AUTH  # 405/409/422...: a proxy or gateway said no; a setting to fix, never the task's defect
     return Fault.MALFORMED
 
 

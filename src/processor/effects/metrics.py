@@ -146,6 +146,10 @@ class Metrics:
         # Set by the runtime as before; once `watch` is called it is computed at scrape time.
         self.outbox_oldest = Gauge("processor_outbox_oldest_age_seconds", "Age of the oldest unreported result", registry=r)
         self.rejected = Counter("ai_tasks_rejected_total", "Pending entries that could not be processed", ["reason"], registry=r)
+        self.unservable = Counter(
+            "ai_tasks_unservable_total", "Tasks left pending because this deployment cannot serve their model, by model"
+            " (the first 10 names, then other)", ["model"], registry=r,
+        )
         self.skipped = Counter("ai_tasks_skipped_total", "Pending tasks of a type this worker does not run (first sighting)", ["task_type"], registry=r)
         self.released = Counter("ai_tasks_released_total", "Claims given back (PATCH pending)", ["reason"], registry=r)
         self.fallbacks = model_counter(

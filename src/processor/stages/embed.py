@@ -179,7 +179,7 @@ async def carry_out(rt: Runtime, kind: TaskKind, works: list[Work], exc: Depende
         if fallback and works[0].type == "text_embedding":
             await fall_back(rt, kind, model, fallback, works, results, str(exc))
             return
-        rt.board.mark_unservable(model, str(exc))
+        rt.metrics.unservable.labels(rt.board.mark_unservable(model, str(exc))).inc(len(ids))
         log.error("model_unservable", error=str(exc), action="tasks left pending; another worker or a setting can serve them")
         await rt.book.release(ids, "model_unservable")
     elif action is Action.RETRY_LATER:

@@ -183,6 +183,6 @@ def _unservable(rt: Runtime, task_id: str, model: str, why: str, logged_once: se
     if key in logged_once or len(logged_once) >= LOG_ONCE_MAX:
         return
     logged_once.add(key)
-    rt.board.mark_unservable(model, why, retry_later=False)
+    rt.metrics.unservable.labels(rt.board.mark_unservable(model, why, retry_later=False)).inc()
     rt.metrics.skipped.labels("unservable_model").inc()
     log.info("task_left_pending", task_id=task_id, model=model, why=why)  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from processor.effects.metrics import LATENCY_BUCKETS, Metrics
 
-MODEL_LABELS_MAX = 50  # distinct model names with their own series; the rest are "other"
+MODEL_LABELS_MAX = 10  # distinct model names with their own series; the rest are "other"
 
 
 class _BoundedModels:
