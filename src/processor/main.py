@@ -79,12 +79,16 @@ def _run(settings: Settings, warnings: list[str]) -> int:
         log.warning("configuration_warning", message=w)
     from processor import wiring
 
-    wiring.install_fallback_handlers()  # kept until the process exits: a late signal is a no-op
+    wiring.install_fallback_handlers()  # until the daemon's receiver is in place, and after it
     try:
         return trio.run(wiring.run, settings)
     except StartupError as exc:
         log.error("startup_failed", error=str(exc))
         return EXIT_FAIL
+    finally:
+        # the shutdown is over: a late SIGTERM/SIGINT (an impatient supervisor) is ignored by
+        # the kernel, so the interpreter's own exit can never be cut to "killed by signal"
+        wiring.ignore_signals()
 
 
 # --- check --------------------------------------------------------------------------

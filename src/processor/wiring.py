@@ -37,6 +37,11 @@ def install_fallback_handlers() -> Callable[[], None]:
     return restore
 
 
+def ignore_signals() -> None:
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 async def run(settings: Settings) -> int:
     if settings.state_backend is StateBackend.REDIS:
         return await _run_with_redis(settings)
