@@ -26,7 +26,7 @@ from processor.effects.limiter import Limiter
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
 from processor.effects.retrying import Budget, retrying
-from processor.effects.store import JournalStore
+from processor.effects.store import JournalStore, StoreError
 from processor.kinds.base import KindPorts, TaskKind
 from processor.pure import policy
 from processor.pure import retry as schedule
@@ -215,7 +215,14 @@ class Runtime:
             return []
         computed = sum(1 for i in keep if self.book.phase(i) in (Phase.CLAIMED, Phase.DISPATCHED))
         steps = self.book.fire_each(keep, Event.COMPUTED)
-        await self.book.perform(steps)
+        try:
+            await self.book.perform(steps)
+        except StoreError as exc:
+            # the outbox cannot be written: the results are reported all the same (losing a
+            # computed result, or ending the pipeline, would be worse than a crash before the
+            # report sends it again); the store's failure shows in /ready
+            self.log.error("outbox_write_failed", error=str(exc), count=len(keep), action="reporting without the outbox")
+            self.metrics.rejected.labels("outbox_write_failed").inc(len(keep))
         if computed:
             self.metrics.stage_tasks.labels("computed").inc(computed)
         return list(keep)

@@ -362,3 +362,15 @@ async def test_busy_never_counts_an_attempt_even_when_others_were_answered(tmp_p
         assert sorted(drain(lane[1])) == [tid(1), tid(2), tid(3)]  # only the good ones were reported
     finally:
         w.close()
+
+
+async def test_an_outbox_that_cannot_be_written_still_reports_the_results(world: World, lane, autojump_clock) -> None:
+    """A store failure while writing results must not end the pipeline (nor lose the work):
+    the results go to the reporter without their outbox rows."""
+    works = [world.work(i) for i in range(3)]
+    claimed = await claim_all(world, works)
+    world.journal.db.close()  # the state store is gone (disk, permissions): every write fails
+    await embed.compute_batch(world.rt, list(claimed), lane[0])
+    assert sorted(drain(lane[1])) == sorted(w.id for w in works)
+    assert all(world.rt.book.phase(w.id) is Phase.COMPUTED for w in works)
+    assert world.metric("ai_tasks_rejected_total", reason="outbox_write_failed") == 3
