@@ -134,6 +134,30 @@ def _what(value: Any) -> str:
 
 def parse_entry(raw: Any, routing: Routing, handled_types: Container[str] = (TEXT_EMBEDDING,)) -> Parsed:
     """Classify one entry of the pending list. Never raises."""
+    envelope = _envelope(raw, handled_types)
+    if not isinstance(envelope, str):
+        return envelope
+    raw_id = envelope
+    assert isinstance(raw, dict)
+    content = _text_and_model(raw_id, raw.get("content"), routing.default_model)
+    if isinstance(content, Rejected):
+        return content
+    text, model = content
+    problem = _text_problem(raw_id, text)
+    if problem is not None:
+        return problem
+    backend = routing.backend_for(model)
+    if backend is None:
+        return Rejected(
+            raw_id, RejectReason.UNSUPPORTED_MODEL,
+            f"model {model[:100]!r} is not served in this mode; add it to SUPPORTED_MODELS "
+            "or use hybrid/openai mode",
+        )
+    return Task(raw_id, text, model, backend, parse_created_at(raw.get("createdAt")))
+
+
+def _envelope(raw: Any, handled_types: Container[str]) -> str | Rejected | Skipped:
+    """The entry's id when it is an object with a usable id of a type handled here."""
     if isinstance(raw, InvalidValue):
         return Rejected(None, RejectReason.UNREADABLE, raw.what)
     if not isinstance(raw, dict):
@@ -147,37 +171,42 @@ def parse_entry(raw: Any, routing: Routing, handled_types: Container[str] = (TEX
     task_type = raw.get("type")
     if not isinstance(task_type, str) or task_type not in handled_types:
         return Skipped(raw_id, _type_label(task_type))
+    assert isinstance(raw_id, str)
+    return raw_id
 
-    content = raw.get("content")
+
+def _text_and_model(raw_id: str, content: Any, default_model: str) -> tuple[str, str] | Rejected:
+    """(text, model) from a bare string or `{text, model}`; the text is checked after."""
     if content is None:
         return Rejected(raw_id, RejectReason.MISSING_CONTENT, "content is missing or null")
-    text: Any
-    model: Any
     if isinstance(content, InvalidValue):
         return Rejected(raw_id, RejectReason.INVALID_TEXT, f"content {content.what}")
     if isinstance(content, str):
-        text, model = content, routing.default_model
-    elif isinstance(content, dict):
-        text = content.get("text")
-        model = content.get("model", routing.default_model)
-        if isinstance(text, InvalidValue):
-            return Rejected(raw_id, RejectReason.INVALID_TEXT, f"content.{text.what}")
-        if not isinstance(text, str):
-            return Rejected(
-                raw_id, RejectReason.INVALID_CONTENT,
-                f"content.text must be a string, got {type(text).__name__}",
-            )
-        if model is None:
-            model = routing.default_model
-        if isinstance(model, InvalidValue) or (isinstance(model, str) and unicode_problem(model) is not None):
-            return Rejected(raw_id, RejectReason.INVALID_MODEL, "content.model is not valid Unicode")
-        if not isinstance(model, str) or not model.strip():
-            return Rejected(raw_id, RejectReason.INVALID_MODEL, "content.model must be a non-empty string")
-    else:
+        return content, default_model
+    if not isinstance(content, dict):
         return Rejected(
             raw_id, RejectReason.INVALID_CONTENT,
             f"content must be a string or {{text, model}}, got {type(content).__name__}",
         )
+    text = content.get("text")
+    model = content.get("model", default_model)
+    if isinstance(text, InvalidValue):
+        return Rejected(raw_id, RejectReason.INVALID_TEXT, f"content.{text.what}")
+    if not isinstance(text, str):
+        return Rejected(
+            raw_id, RejectReason.INVALID_CONTENT,
+            f"content.text must be a string, got {type(text).__name__}",
+        )
+    if model is None:
+        model = default_model
+    if isinstance(model, InvalidValue) or (isinstance(model, str) and unicode_problem(model) is not None):
+        return Rejected(raw_id, RejectReason.INVALID_MODEL, "content.model is not valid Unicode")
+    if not isinstance(model, str) or not model.strip():
+        return Rejected(raw_id, RejectReason.INVALID_MODEL, "content.model must be a non-empty string")
+    return text, model
+
+
+def _text_problem(raw_id: str, text: str) -> Rejected | None:
     problem = unicode_problem(text)
     if problem is not None:
         return Rejected(raw_id, RejectReason.INVALID_TEXT, f"text {problem}")
@@ -188,11 +217,4 @@ def parse_entry(raw: Any, routing: Routing, handled_types: Container[str] = (TEX
             raw_id, RejectReason.TEXT_TOO_LONG,
             f"text has {len(text)} characters; the limit is {MAX_TEXT_CHARS}",
         )
-    backend = routing.backend_for(model)
-    if backend is None:
-        return Rejected(
-            raw_id, RejectReason.UNSUPPORTED_MODEL,
-            f"model {model[:100]!r} is not served in this mode; add it to SUPPORTED_MODELS "
-            "or use hybrid/openai mode",
-        )
-    return Task(raw_id, text, model, backend, parse_created_at(raw.get("createdAt")))
+    return None
