@@ -63,8 +63,6 @@ KNOWN: set[str] = {
     "effects.wikidata.Wikidata",
     "runtime.Runtime",
     "pure.jsonstream.ArraySplitter",
-    "main._demo_async",
-    "main._check_async",
     "effects.auth.TokenProvider.__init__",
     "effects.chat.build.build_chat_backends",
     "effects.chat.build.build_chat_ports",

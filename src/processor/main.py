@@ -105,18 +105,36 @@ def _check(settings: Settings, warnings: list[str]) -> int:
 
 
 async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
+    from processor.daemon import build_backends, routing_for
+    from processor.effects.metrics import Metrics
+    from processor.kinds.triage import check_chat
+
+    metrics = Metrics()
+    out = await _check_token_and_api(settings, metrics)
+    backends = build_backends(settings, metrics)
+    routing = routing_for(settings)
+    for b, adapter in backends.items():
+        try:
+            ok, detail = await _check_backend(settings, routing, b, adapter)
+        except Exception as exc:
+            ok, detail = False, str(exc)
+        finally:
+            await adapter.aclose()
+        out.append((f"{b.value} backend", ok, detail))
+    out += await check_chat(settings, metrics)  # the chat model of each triage type
+    return out
+
+
+async def _check_token_and_api(settings: Settings, metrics: Any) -> list[tuple[str, bool, str]]:
     import httpx
 
-    from processor.daemon import build_backends, routing_for
     from processor.effects.api import ApiError, TaskApi
     from processor.effects.auth import TokenError, TokenProvider
-    from processor.effects.backends.ollama import OllamaBackend
     from processor.effects.guard import Guard
-    from processor.effects.metrics import Metrics
     from processor.pure.breaker import BreakerConfig
 
     out: list[tuple[str, bool, str]] = []
-    metrics = Metrics()
+    api_check = "task API (GET /api/ai-tasks/pending)"
     async with httpx.AsyncClient(timeout=settings.request_timeout) as http:
         tokens = TokenProvider(http, settings, metrics=metrics, guard=Guard("token", BreakerConfig()))
         try:
@@ -124,47 +142,37 @@ async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
             out.append(("token endpoint", True, settings.oauth2_token_url))
         except TokenError as exc:
             out.append(("token endpoint", False, str(exc)))
-        if tokens.has_token:
-            api = TaskApi(http, settings.api_base_url, tokens, metrics=metrics, guard=Guard("api", BreakerConfig()), concurrency=1)
-            try:
-                async with api.pending() as entries:
-                    first = await anext(aiter(entries), None)
-                out.append(("task API (GET /api/ai-tasks/pending)", True, "reachable" + (", tasks pending" if first is not None else ", nothing pending")))
-            except ApiError as exc:
-                hint = " — check API_BASE_URL" if exc.status == 404 or exc.status is None else ""
-                out.append(("task API (GET /api/ai-tasks/pending)", False, f"{exc}{hint}"))
-        else:
-            out.append(("task API (GET /api/ai-tasks/pending)", False, "skipped: no token"))
-    backends = build_backends(settings, metrics)
-    routing = routing_for(settings)
-    for b, adapter in backends.items():
-        name = f"{b.value} backend"
+        if not tokens.has_token:
+            return [*out, (api_check, False, "skipped: no token")]
+        api = TaskApi(http, settings.api_base_url, tokens, metrics=metrics, guard=Guard("api", BreakerConfig()), concurrency=1)
         try:
-            if isinstance(adapter, OllamaBackend):
-                problems = await adapter.check_models()
-                if problems:
-                    out.append((name, False, "; ".join(problems)))
-                    continue
-                detail = f"models ready: {', '.join(settings.supported_models)}"
-            else:
-                model = settings.default_model if routing.backend_for(settings.default_model) is b else "text-embedding-3-small"
-                probe = await adapter.embed(model, ["probe"])
-                got = len(probe.vectors[0]) if probe.vectors else 0
-                if got != settings.embedding_dimensions:
-                    out.append((name, False, f"{model} returns {got}-dimension vectors, EMBEDDING_DIMENSIONS is "
-                                f"{settings.embedding_dimensions}: set EMBEDDING_DIMENSIONS={got} if the task API stores "
-                                f"{got}-dimension vectors, else use a model or server that gives {settings.embedding_dimensions}"))
-                    continue
-                detail = f"embedded a probe with {model}: {got} dimensions"
-            out.append((name, True, detail))
-        except Exception as exc:
-            out.append((name, False, str(exc)))
-        finally:
-            await adapter.aclose()
-    from processor.kinds.triage import check_chat
-
-    out += await check_chat(settings, metrics)  # the chat model of each triage type
+            async with api.pending() as entries:
+                first = await anext(aiter(entries), None)
+            out.append((api_check, True, "reachable" + (", tasks pending" if first is not None else ", nothing pending")))
+        except ApiError as exc:
+            hint = " — check API_BASE_URL" if exc.status == 404 or exc.status is None else ""
+            out.append((api_check, False, f"{exc}{hint}"))
     return out
+
+
+async def _check_backend(settings: Settings, routing: Any, b: Any, adapter: Any) -> tuple[bool, str]:
+    """Ollama: the models are there (pulled if need be); others: a probe has the configured size."""
+    from processor.effects.backends.ollama import OllamaBackend
+
+    if isinstance(adapter, OllamaBackend):
+        problems = await adapter.check_models()
+        if problems:
+            return False, "; ".join(problems)
+        return True, f"models ready: {', '.join(settings.supported_models)}"
+    model = settings.default_model if routing.backend_for(settings.default_model) is b else "text-embedding-3-small"
+    probe = await adapter.embed(model, ["probe"])
+    got = len(probe.vectors[0]) if probe.vectors else 0
+    want = settings.embedding_dimensions
+    if got != want:
+        return False, (f"{model} returns {got}-dimension vectors, EMBEDDING_DIMENSIONS is {want}: set "
+                       f"EMBEDDING_DIMENSIONS={got} if the task API stores {got}-dimension vectors, else use a "
+                       f"model or server that gives {want}")
+    return True, f"embedded a probe with {model}: {got} dimensions"
 
 
 # --- limits -----------------------------------------------------------------------------
@@ -252,47 +260,59 @@ async def _demo_async(n_tasks: int, malformed: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="processor-demo-") as tmp:
         async with trio.open_nursery() as n:
             url = await n.start(lambda task_status: serve_asgi(SandboxApp(state), "127.0.0.1", 0, shutdown=stop, task_status=task_status))
-            env = {
-                "PROCESSING_MODE": mode,
-                "POLLING_INTERVAL_SECONDS": "1",
-                "METRICS_PORT": "0",
-                "METRICS_HOST": "127.0.0.1",
-                "RATE_LIMIT_ENABLED": "false",
-                **{k: v for k, v in os.environ.items() if k in _DEMO_PASSTHROUGH},
-                "API_BASE_URL": url,
-                "OAUTH2_TOKEN_URL": f"{url}/oauth2/token",
-                "OAUTH2_CLIENT_ID": state.client_id,
-                "OAUTH2_CLIENT_SECRET": state.client_secret,
-                "STATE_DIR": tmp,
-            }
             try:
-                settings, _ = load_settings(env, dotenv_path=None)
+                settings, _ = load_settings(_demo_env(mode, url, state, tmp), dotenv_path=None)
             except ConfigError as exc:
                 print(exc.render(), file=sys.stderr)
                 stop.set()
                 return EXIT_CONFIG
             print(f"sandbox at {url} with {n_tasks} pending tasks" + (f" and {len(bad) + 1} malformed entries" if bad else ""))
             print(f"running the daemon: mode={settings.processing_mode.value}, batch={settings.max_batch_size}, concurrency={settings.concurrency_limit}")
-            daemon = Daemon(settings, handle_signals=False)
-            t0 = time.perf_counter()
             target = n_tasks + len(bad) - 1 if bad else n_tasks  # the unknown-type task stays pending
-            async with trio.open_nursery() as dn:
-                dn.start_soon(daemon.run)
-                while True:
-                    await trio.sleep(0.25)
-                    counts = state.by_state()
-                    done = counts.get("succeeded", 0) + counts.get("failed", 0)
-                    print(f"\r  pending {counts.get('pending', 0):>6}  in_progress {counts.get('in_progress', 0):>6}  "
-                          f"succeeded {counts.get('succeeded', 0):>6}  failed {counts.get('failed', 0):>6}", end="", flush=True)
-                    if done >= target and counts.get("in_progress", 0) == 0:
-                        break
-                    if time.perf_counter() - t0 > 120:
-                        print("\ndemo: timed out after 120 s", file=sys.stderr)
-                        break
-                elapsed = time.perf_counter() - t0
-                daemon.stop()
+            elapsed = await _drive(Daemon(settings, handle_signals=False), state, target)
             stop.set()
     print()
+    return _demo_summary(state, n_tasks, elapsed, claims, malformed=bool(bad))
+
+
+def _demo_env(mode: str, url: str, state: Any, state_dir: str) -> dict[str, str]:
+    return {
+        "PROCESSING_MODE": mode,
+        "POLLING_INTERVAL_SECONDS": "1",
+        "METRICS_PORT": "0",
+        "METRICS_HOST": "127.0.0.1",
+        "RATE_LIMIT_ENABLED": "false",
+        **{k: v for k, v in os.environ.items() if k in _DEMO_PASSTHROUGH},
+        "API_BASE_URL": url,
+        "OAUTH2_TOKEN_URL": f"{url}/oauth2/token",
+        "OAUTH2_CLIENT_ID": state.client_id,
+        "OAUTH2_CLIENT_SECRET": state.client_secret,
+        "STATE_DIR": state_dir,
+    }
+
+
+async def _drive(daemon: Any, state: Any, target: int) -> float:
+    """Run `daemon` until `target` tasks are final (or 120 s), showing progress; the seconds taken."""
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as dn:
+        dn.start_soon(daemon.run)
+        while True:
+            await trio.sleep(0.25)
+            counts = state.by_state()
+            done = counts.get("succeeded", 0) + counts.get("failed", 0)
+            print(f"\r  pending {counts.get('pending', 0):>6}  in_progress {counts.get('in_progress', 0):>6}  "
+                  f"succeeded {counts.get('succeeded', 0):>6}  failed {counts.get('failed', 0):>6}", end="", flush=True)
+            if done >= target and counts.get("in_progress", 0) == 0:
+                break
+            if time.perf_counter() - t0 > 120:
+                print("\ndemo: timed out after 120 s", file=sys.stderr)
+                break
+        elapsed = time.perf_counter() - t0
+        daemon.stop()
+    return elapsed
+
+
+def _demo_summary(state: Any, n_tasks: int, elapsed: float, claims: dict[str, str], *, malformed: bool) -> int:
     counts = state.by_state()
     sample = next((t for t in state.tasks.values() if isinstance(t, dict) and t.get("state") == "succeeded"), None)
     vec: list[Any] = sample.get("result", []) if sample else []
@@ -304,10 +324,10 @@ async def _demo_async(n_tasks: int, malformed: bool) -> int:
         print(f"  sample vector: {len(vec)} dimensions, L2 norm {math.sqrt(sum(x * x for x in vec)):.6f}")
     if claims:
         _print_neighbours(state, claims)
-    if bad:
+    if malformed:
         print("  (2 malformed entries stay pending by design: one has no _id, so it cannot be reported;\n"
               "   one has a task type this processor does not run, left for a worker that does)")
-    stays_pending = 2 if bad else 0
+    stays_pending = 2 if malformed else 0
     ok = counts.get("succeeded", 0) >= n_tasks and counts.get("in_progress", 0) == 0 and counts.get("pending", 0) == stays_pending
     return EXIT_OK if ok else EXIT_FAIL
 
