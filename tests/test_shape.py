@@ -57,7 +57,6 @@ SETTINGS_ALLOWLIST = {
 # Findings not fixed yet: the test fails when one is fixed and still listed here, so the
 # list stays true. Empty is the goal.
 KNOWN: set[str] = {
-    "effects.backends.ollama.OllamaBackend",
     "effects.auth.TokenProvider",
     "book.Book",
     "effects.wikidata.Wikidata",
