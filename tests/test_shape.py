@@ -59,7 +59,6 @@ SETTINGS_ALLOWLIST = {
 KNOWN: set[str] = {
     "effects.auth.TokenProvider",
     "book.Book",
-    "effects.wikidata.Wikidata",
     "runtime.Runtime",
     "pure.jsonstream.ArraySplitter",
     "effects.auth.TokenProvider.__init__",

@@ -250,25 +250,101 @@ class Turn:
 # --- the adapter ------------------------------------------------------------------------------
 
 
+class WikidataApi:
+    """The transport: one `api.php` request, bounded, classified, counted and fed to the
+    breaker; a back-off request from Wikidata (maxlag, 429, 503) is `_Pause`."""
+
+    def __init__(self, *, api_url: str, contact: str, request_timeout: float, metrics: ChatMetrics, guard: Guard) -> None:
+        self._url = api_url
+        self._headers = {"User-Agent": user_agent(contact), "Accept": "application/json"}
+        self._request_timeout = request_timeout
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout, connect=min(5.0, request_timeout)))
+        self._metrics = metrics
+        self.guard = guard
+        self.requests = 0
+        self._log = get_logger("wikidata")
+
+    async def request(self, params: dict[str, str], action: str) -> Any:
+        outcome, body, pause = await self._request_once(params, action)
+        if outcome != "ok":
+            raise _Pause(pause)
+        return body
+
+    async def _request_once(self, params: dict[str, str], action: str) -> tuple[str, Any, float]:
+        """("ok", body, 0) or ("pause", None, seconds); raises WikidataError otherwise."""
+        self.requests += 1
+        try:
+            resp = None
+            with trio.move_on_after(self._request_timeout * 1.5):  # a whole-request bound, not per read
+                resp = await self._http.get(self._url, params=params, headers=self._headers)
+            if resp is None:
+                raise httpx.ReadTimeout("no complete answer in time")
+        except httpx.TimeoutException:
+            self._record(action, "timeout", Outcome.FAILURE)
+            raise WikidataError(f"Wikidata {action} timed out", Fault.TIMEOUT) from None
+        except httpx.HTTPError as exc:
+            self._record(action, "connection_error", Outcome.FAILURE)
+            raise WikidataError(f"Wikidata unreachable: {type(exc).__name__}", Fault.UNREACHABLE) from None
+        pause = _retry_after(resp.headers.get("retry-after"))
+        if resp.status_code in (429, 503):
+            self._record(action, str(resp.status_code), Outcome.IGNORED)
+            self._log.info("wikidata_backing_off", status=resp.status_code, seconds=pause)
+            return "pause", None, pause
+        if resp.status_code != 200:
+            self._record(action, str(resp.status_code), Outcome.FAILURE if resp.status_code >= 500 else Outcome.IGNORED)
+            raise WikidataError(f"Wikidata {action} answered {resp.status_code}", Fault.SERVER if resp.status_code >= 500 else Fault.INPUT,
+                                status=resp.status_code)
+        try:
+            body = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            self._record(action, "malformed", Outcome.FAILURE)
+            raise WikidataError(f"Wikidata {action} answered something that is not JSON", Fault.MALFORMED) from None
+        code = wd.error_code(body)
+        if code == "maxlag" or code == "ratelimited":
+            self._record(action, code, Outcome.IGNORED)
+            self._log.info("wikidata_backing_off", error=code, seconds=pause)
+            return "pause", None, pause
+        if code is not None:
+            self._record(action, "error", Outcome.IGNORED)
+            raise WikidataError(f"Wikidata {action} error {code}", Fault.INPUT)
+        self._record(action, "success", Outcome.SUCCESS)
+        return "ok", body, 0.0
+
+    def _record(self, action: str, outcome: str, breaker: Outcome) -> None:
+        self._metrics.wikidata_requests.labels(action, outcome).inc()
+        self.guard.record(breaker)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
 class Wikidata:
+    """The lookups over `WikidataApi`: cache first, one request at a time (`Turn`), the
+    whole of one result bounded by `timeout`."""
+
     def __init__(
         self, *, api_url: str, contact: str, language: str, timeout: float, cache: Cache, cache_ttl: float,
         metrics: ChatMetrics, guard: Guard | None = None, turn: Turn | None = None, request_timeout: float | None = None,
     ) -> None:
-        self._url = api_url
-        self._headers = {"User-Agent": user_agent(contact), "Accept": "application/json"}
+        # a request once sent is waited for: its own bound keeps the overshoot small
+        self._api = WikidataApi(api_url=api_url, contact=contact, request_timeout=request_timeout or min(timeout, 5.0),
+                                metrics=metrics, guard=guard or Guard("wikidata", BreakerConfig()))
         self._language = language
         self._timeout = timeout
-        # a request once sent is waited for: its own bound keeps the overshoot small
-        self._request_timeout = request_timeout or min(timeout, 5.0)
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self._request_timeout, connect=min(5.0, self._request_timeout)))
         self._cache = cache
         self._ttl = cache_ttl
         self._metrics = metrics
-        self.guard = guard or Guard("wikidata", BreakerConfig())
         self._turn = turn or Turn()
-        self.requests = 0
         self._log = get_logger("wikidata")
+
+    @property
+    def guard(self) -> Guard:
+        return self._api.guard
+
+    @property
+    def requests(self) -> int:
+        """Requests sent to Wikidata (statistics)."""
+        return self._api.requests
 
     async def resolve(self, names: Iterable[str], *, people: bool) -> tuple[dict[str, Entity | None], str | None]:
         """The entity of each name that could be settled, and why some could not (None:
@@ -328,7 +404,7 @@ class Wikidata:
             hit = await self._cache.get_many([key])
             if key in hit:
                 return hit[key]
-            body = await self._request(wd.search_params(name, self._language), "wbsearchentities")
+            body = await self._api.request(wd.search_params(name, self._language), "wbsearchentities")
             value = [wd.entity_to_json(e) for e in _read(wd.parse_search, body)]
             await self._cache.put_many({key: value}, self._ttl)
             return value
@@ -344,7 +420,7 @@ class Wikidata:
             out = {q: hit[keys[q]] for q in batch if keys[q] in hit}
             missing = [q for q in batch if q not in out]
             if missing:
-                body = await self._request(wd.entities_params(missing, lang), "wbgetentities")
+                body = await self._api.request(wd.entities_params(missing, lang), "wbgetentities")
                 got = _read(lambda b: wd.parse_entities(b, lang), body)
                 for q in missing:  # an id Wikidata did not return is remembered as "not a person"
                     f = got.get(q, wd.Facts(q, False))
@@ -376,58 +452,8 @@ class Wikidata:
             await self._turn.pause(pause)
         raise WikidataError(f"Wikidata asked to back off {MAX_ATTEMPTS} times", Fault.BUSY)
 
-    async def _request(self, params: dict[str, str], action: str) -> Any:
-        outcome, body, pause = await self._request_once(params, action)
-        if outcome != "ok":
-            raise _Pause(pause)
-        return body
-
-    async def _request_once(self, params: dict[str, str], action: str) -> tuple[str, Any, float]:
-        """("ok", body, 0) or ("pause", None, seconds); raises WikidataError otherwise."""
-        self.requests += 1
-        try:
-            resp = None
-            with trio.move_on_after(self._request_timeout * 1.5):  # a whole-request bound, not per read
-                resp = await self._http.get(self._url, params=params, headers=self._headers)
-            if resp is None:
-                raise httpx.ReadTimeout("no complete answer in time")
-        except httpx.TimeoutException:
-            self._record(action, "timeout", Outcome.FAILURE)
-            raise WikidataError(f"Wikidata {action} timed out", Fault.TIMEOUT) from None
-        except httpx.HTTPError as exc:
-            self._record(action, "connection_error", Outcome.FAILURE)
-            raise WikidataError(f"Wikidata unreachable: {type(exc).__name__}", Fault.UNREACHABLE) from None
-        pause = _retry_after(resp.headers.get("retry-after"))
-        if resp.status_code in (429, 503):
-            self._record(action, str(resp.status_code), Outcome.IGNORED)
-            self._log.info("wikidata_backing_off", status=resp.status_code, seconds=pause)
-            return "pause", None, pause
-        if resp.status_code != 200:
-            self._record(action, str(resp.status_code), Outcome.FAILURE if resp.status_code >= 500 else Outcome.IGNORED)
-            raise WikidataError(f"Wikidata {action} answered {resp.status_code}", Fault.SERVER if resp.status_code >= 500 else Fault.INPUT,
-                                status=resp.status_code)
-        try:
-            body = orjson.loads(resp.content)
-        except orjson.JSONDecodeError:
-            self._record(action, "malformed", Outcome.FAILURE)
-            raise WikidataError(f"Wikidata {action} answered something that is not JSON", Fault.MALFORMED) from None
-        code = wd.error_code(body)
-        if code == "maxlag" or code == "ratelimited":
-            self._record(action, code, Outcome.IGNORED)
-            self._log.info("wikidata_backing_off", error=code, seconds=pause)
-            return "pause", None, pause
-        if code is not None:
-            self._record(action, "error", Outcome.IGNORED)
-            raise WikidataError(f"Wikidata {action} error {code}", Fault.INPUT)
-        self._record(action, "success", Outcome.SUCCESS)
-        return "ok", body, 0.0
-
-    def _record(self, action: str, outcome: str, breaker: Outcome) -> None:
-        self._metrics.wikidata_requests.labels(action, outcome).inc()
-        self.guard.record(breaker)
-
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._api.aclose()
         await self._cache.aclose()
 
 
