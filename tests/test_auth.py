@@ -17,11 +17,12 @@ from processor.effects.guard import Guard
 from processor.effects.logs import REDACTOR, configure_logging, get_logger
 from processor.effects.metrics import Metrics
 from processor.pure.breaker import BreakerConfig
+from processor.wiring import token_config
 from tests.conftest import make_settings
 
 
 def provider(http, settings) -> TokenProvider:
-    return TokenProvider(http, settings, metrics=Metrics(), guard=Guard("token", BreakerConfig()))
+    return TokenProvider(http, token_config(settings), metrics=Metrics(), guard=Guard("token", BreakerConfig()))
 
 
 @pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])

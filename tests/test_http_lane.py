@@ -21,6 +21,7 @@ from processor.effects.metrics import Metrics
 from processor.pure.breaker import BreakerConfig
 from processor.pure.retry import ErrorKind
 from processor.sandbox.app import Fault
+from processor.wiring import token_config
 from tests.conftest import make_settings
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -331,7 +332,7 @@ async def make_api(sandbox, tmp_path, *, timeout: float = 5.0, url: str | None =
     http, lane = build_client(url or sandbox.url, connections=3, timeout=timeout)
     assert lane is not None
     metrics = Metrics()
-    tokens = TokenProvider(http, settings, metrics=metrics, guard=Guard("token", BreakerConfig()))
+    tokens = TokenProvider(http, token_config(settings), metrics=metrics, guard=Guard("token", BreakerConfig()))
     api = TaskApi(http, url or sandbox.url, tokens, metrics=metrics, guard=Guard("api", BreakerConfig()), concurrency=2, lane=lane)
     return api, tokens
 

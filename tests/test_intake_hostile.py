@@ -25,6 +25,7 @@ from processor.pure.breaker import BreakerConfig
 from processor.pure.jsonstream import unicode_problem
 from processor.pure.tasks import Backend, Routing, Task, parse_entry
 from processor.sandbox.app import PendingShape
+from processor.wiring import token_config
 from tests.conftest import CountingBackend, make_settings, running, wait_until
 
 
@@ -120,7 +121,7 @@ async def test_lone_surrogates_fail_their_task_with_a_reason_and_are_never_rewri
 def api_for(sb, tmp_path, http) -> TaskApi:
     s = make_settings(sb, tmp_path)
     metrics = Metrics()
-    tokens = TokenProvider(http, s, metrics=metrics, guard=Guard("token", BreakerConfig()))
+    tokens = TokenProvider(http, token_config(s), metrics=metrics, guard=Guard("token", BreakerConfig()))
     return TaskApi(http, s.api_base_url, tokens, metrics=metrics, guard=Guard("api", BreakerConfig()), concurrency=4)
 
 
@@ -246,7 +247,7 @@ async def test_the_api_reads_every_entry_of_any_list_in_any_chunking(tmp_path, e
                                    "OAUTH2_CLIENT_ID": "c", "OAUTH2_CLIENT_SECRET": "secret", "PROCESSING_MODE": "mock",
                                    "STATE_DIR": str(tmp_path / "s"), "RATE_LIMIT_ENABLED": "false"}, dotenv_path=None)[0]
         metrics = Metrics()
-        tokens = TokenProvider(http, settings_, metrics=metrics, guard=Guard("token", BreakerConfig()))
+        tokens = TokenProvider(http, token_config(settings_), metrics=metrics, guard=Guard("token", BreakerConfig()))
         api = TaskApi(http, settings_.api_base_url, tokens, metrics=metrics, guard=Guard("api", BreakerConfig()), concurrency=2)
         async with api.pending() as stream:
             got = [e async for e in stream]

@@ -316,7 +316,9 @@ class Daemon:
         async with http, token_http:
             api_guard = Guard("task_api", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=60.0), metrics=self.metrics, rng=self._parts.rng)
             token_guard = Guard("token_endpoint", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=120.0), metrics=self.metrics, rng=self._parts.rng)
-            tokens = TokenProvider(token_http, s, metrics=self.metrics, guard=token_guard)
+            from processor.wiring import token_config  # the root imports this module
+
+            tokens = TokenProvider(token_http, token_config(s), metrics=self.metrics, guard=token_guard)
             api = TaskApi(http, s.api_base_url, tokens, metrics=self.metrics, guard=api_guard, concurrency=s.api_concurrency, lane=lane)
             backends = self._parts.backends or build_backends(s, self.metrics)
             guards = {b: Guard(b.value, attrs.evolve(breaker_config(s), base_wait=5.0, max_wait=300.0), metrics=self.metrics, rng=self._parts.rng) for b in backends}

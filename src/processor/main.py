@@ -132,11 +132,12 @@ async def _check_token_and_api(settings: Settings, metrics: Any) -> list[tuple[s
     from processor.effects.auth import TokenError, TokenProvider
     from processor.effects.guard import Guard
     from processor.pure.breaker import BreakerConfig
+    from processor.wiring import token_config
 
     out: list[tuple[str, bool, str]] = []
     api_check = "task API (GET /api/ai-tasks/pending)"
     async with httpx.AsyncClient(timeout=settings.request_timeout) as http:
-        tokens = TokenProvider(http, settings, metrics=metrics, guard=Guard("token", BreakerConfig()))
+        tokens = TokenProvider(http, token_config(settings), metrics=metrics, guard=Guard("token", BreakerConfig()))
         try:
             await tokens.get()
             out.append(("token endpoint", True, settings.oauth2_token_url))

@@ -20,6 +20,17 @@ import trio
 
 from processor.config import Settings, StateBackend
 from processor.daemon import EARLY_SIGNALS, Daemon
+from processor.effects.auth import TokenConfig
+
+# -- what each adapter gets of the settings ---------------------------------------------------
+
+
+def token_config(s: Settings) -> TokenConfig:
+    return TokenConfig(token_url=s.oauth2_token_url, client_id=s.oauth2_client_id, client_secret=s.oauth2_client_secret,
+                       scope=s.oauth2_scope, auth_method=s.oauth2_auth_method)
+
+
+# -- signals and the run -----------------------------------------------------------------------
 
 
 def remember_signal(signum: int, frame: Any) -> None:

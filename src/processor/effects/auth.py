@@ -17,10 +17,11 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+import attrs
 import httpx
 import trio
 
-from processor.config import AuthMethod, Settings
+from processor.config import AuthMethod
 from processor.effects.guard import BreakerOpen, Guard, outcome_for_status
 from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
@@ -84,24 +85,133 @@ def token_problem(token: Any) -> str | None:
     return None
 
 
-class TokenProvider:
-    def __init__(self, http: httpx.AsyncClient, settings: Settings, *, metrics: Metrics, guard: Guard) -> None:
+@attrs.frozen
+class TokenConfig:
+    """What the OAuth2 client needs of the settings (built by `processor.wiring`)."""
+
+    token_url: str
+    client_id: str
+    client_secret: str = attrs.field(repr=False)
+    scope: str = ""
+    auth_method: AuthMethod = AuthMethod.BASIC
+
+
+@attrs.define
+class RejectionBackoff:
+    """After rejected credentials or an unusable answer: no new request for 1, 2, 4 … 60 s
+    (the same error again meanwhile), so a wrong secret never makes a hot loop."""
+
+    failures: int = 0
+    not_before: float = 0.0
+    last: TokenError | None = None
+
+    def pending(self, now: float) -> TokenError | None:
+        """The error to raise again instead of asking, while the back-off lasts."""
+        return self.last if self.last is not None and now < self.not_before else None
+
+    def rejected(self, exc: TokenError, now: float) -> None:
+        self.failures += 1
+        self.not_before = now + min(60.0, 2.0 ** min(self.failures - 1, 10))
+        self.last = exc
+
+    def clear(self) -> None:
+        self.failures, self.last = 0, None
+
+
+class TokenEndpoint:
+    """The token endpoint client: one client-credentials request (RFC 6749 §4.4), its answer
+    checked and classified (`TokenError`), under the endpoint's breaker."""
+
+    def __init__(self, http: httpx.AsyncClient, config: TokenConfig, *, metrics: Metrics, guard: Guard) -> None:
         self._http = http
-        self._s = settings
+        self._config = config
         self._metrics = metrics
         self.guard = guard
+        self.last_error: str | None = None
+        self.fetches = 0
+        self._log = get_logger("auth")
+
+    async def fetch(self) -> tuple[str, float | None]:
+        """(token, expires_in) or TokenError."""
+        c = self._config
+        try:
+            self.guard.check()
+        except BreakerOpen:
+            raise TokenError(f"token endpoint: circuit open after failures ({self.last_error})", permanent=False) from None
+        data = {"grant_type": "client_credentials"}
+        if c.scope:
+            data["scope"] = c.scope
+        auth: httpx.Auth | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT
+        if c.auth_method is AuthMethod.BASIC:
+            # RFC 6749 §2.3.1: id and secret are form-urlencoded before Basic encoding
+            auth = httpx.BasicAuth(quote(c.client_id, safe=""), quote(c.client_secret, safe=""))
+        else:
+            data.update(client_id=c.client_id, client_secret=c.client_secret)
+        self.fetches += 1
+        try:
+            resp = await self._http.post(c.token_url, data=data, auth=auth, headers={"Accept": "application/json"})
+            await resp.aread()
+        except Exception as exc:  # httpx errors, an unusable URL, ...
+            self.guard.record(Outcome.FAILURE)
+            self._metrics.token_fetches.labels("error").inc()
+            self.last_error = f"token endpoint unreachable: {type(exc).__name__}"
+            fault = Fault.TIMEOUT if isinstance(exc, httpx.TimeoutException) else Fault.UNREACHABLE
+            raise TokenError(f"{self.last_error} ({printable(c.token_url, 200)})", permanent=False, fault=fault) from None
+        if resp.status_code != 200:
+            raise self._refused(resp)
+        token, expires_in, problem = _parse_token_answer(resp)
+        if problem is not None or token is None:
+            self.guard.record(Outcome.FAILURE)
+            self._metrics.token_fetches.labels("error").inc()
+            self.last_error = f"token endpoint returned an unusable answer: {problem}"
+            self._log.error("token_answer_unusable", problem=problem)
+            raise TokenError(self.last_error, permanent=False, fault=Fault.MALFORMED)
+        self.guard.record(Outcome.SUCCESS)
+        self.last_error = None
+        self._metrics.token_fetches.labels("success").inc()
+        return token, expires_in
+
+    def _refused(self, resp: httpx.Response) -> TokenError:
+        self.guard.record(outcome_for_status(resp.status_code))
+        self._metrics.token_fetches.labels("error").inc()
+        code, desc = _error_fields(resp)
+        hint = _HINTS.get(code or "", "")
+        if resp.status_code == 404:
+            hint = "check OAUTH2_TOKEN_URL / ORY_PROJECT_SLUG"
+        permanent = resp.status_code in (400, 401, 403, 404)
+        fault = Fault.AUTH if permanent else Fault.BUSY if resp.status_code == 503 else Fault.SERVER
+        self.last_error = f"token endpoint: {code or f'HTTP {resp.status_code}'}" + (f" — {hint}" if hint else "")
+        self._log.error("token_request_failed", status=resp.status_code, error=code, description=desc, hint=hint or None)
+        return TokenError(self.last_error, permanent=permanent, code=code, fault=fault)
+
+
+class TokenProvider:
+    """The token cache over `TokenEndpoint`: one token, refreshed before it expires
+    (`pacing.token_refresh_at`), one fetch at a time, a `RejectionBackoff`."""
+
+    def __init__(self, http: httpx.AsyncClient, config: TokenConfig, *, metrics: Metrics, guard: Guard) -> None:
+        self._endpoint = TokenEndpoint(http, config, metrics=metrics, guard=guard)
         self._token: str | None = None
         self._refresh_at = 0.0
         self._lock = trio.Lock()
-        self.last_error: str | None = None
         self.obtained_wall: float | None = None
-        self.fetches = 0
-        self._permanent_failures = 0
-        self._not_before = 0.0  # after a rejected request: no new attempt before this
-        self._last_exc: TokenError | None = None
+        self._backoff = RejectionBackoff()
         self._log = get_logger("auth")
-        REDACTOR.add(settings.oauth2_client_secret)
-        self._secret_name = f"access_token {settings.oauth2_token_url} {settings.oauth2_client_id}"
+        REDACTOR.add(config.client_secret)
+        self._secret_name = f"access_token {config.token_url} {config.client_id}"
+
+    @property
+    def guard(self) -> Guard:
+        return self._endpoint.guard
+
+    @property
+    def last_error(self) -> str | None:
+        return self._endpoint.last_error
+
+    @property
+    def fetches(self) -> int:
+        """Requests sent to the token endpoint (statistics)."""
+        return self._endpoint.fetches
 
     @property
     def has_token(self) -> bool:
@@ -115,19 +225,18 @@ class TokenProvider:
         async with self._lock:
             if self._token is not None and trio.current_time() < self._refresh_at:
                 return self._token
-            if self._last_exc is not None and trio.current_time() < self._not_before:
-                raise self._last_exc  # credentials rejected or answer unusable: back off, no hot loop
+            pending = self._backoff.pending(trio.current_time())
+            if pending is not None:
+                raise pending  # credentials rejected or answer unusable: back off, no hot loop
             try:
                 return await self._fetch()
             except TokenError as exc:
                 if exc.permanent or exc.fault is Fault.MALFORMED:
-                    self._permanent_failures += 1
-                    self._not_before = trio.current_time() + min(60.0, 2.0 ** min(self._permanent_failures - 1, 10))
-                    self._last_exc = exc
+                    self._backoff.rejected(exc, trio.current_time())
                 raise
             except Exception as exc:  # never let a foreign exception out
-                self.last_error = f"token request failed: {type(exc).__name__}"
-                raise TokenError(self.last_error, permanent=False, fault=Fault.UNREACHABLE) from None
+                self._endpoint.last_error = f"token request failed: {type(exc).__name__}"
+                raise TokenError(self._endpoint.last_error, permanent=False, fault=Fault.UNREACHABLE) from None
 
     def invalidate(self, token: str) -> None:
         """The API said 401 for `token`: drop it, unless a newer one already replaced it."""
@@ -135,58 +244,12 @@ class TokenProvider:
             self._token = None
 
     async def _fetch(self) -> str:
-        s = self._s
-        try:
-            self.guard.check()
-        except BreakerOpen:
-            raise TokenError(f"token endpoint: circuit open after failures ({self.last_error})", permanent=False) from None
-        data = {"grant_type": "client_credentials"}
-        if s.oauth2_scope:
-            data["scope"] = s.oauth2_scope
-        auth: httpx.Auth | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT
-        if s.oauth2_auth_method is AuthMethod.BASIC:
-            # RFC 6749 §2.3.1: id and secret are form-urlencoded before Basic encoding
-            auth = httpx.BasicAuth(quote(s.oauth2_client_id, safe=""), quote(s.oauth2_client_secret, safe=""))
-        else:
-            data.update(client_id=s.oauth2_client_id, client_secret=s.oauth2_client_secret)
-        self.fetches += 1
-        try:
-            resp = await self._http.post(s.oauth2_token_url, data=data, auth=auth, headers={"Accept": "application/json"})
-            await resp.aread()
-        except Exception as exc:  # httpx errors, an unusable URL, ...
-            self.guard.record(Outcome.FAILURE)
-            self._metrics.token_fetches.labels("error").inc()
-            self.last_error = f"token endpoint unreachable: {type(exc).__name__}"
-            fault = Fault.TIMEOUT if isinstance(exc, httpx.TimeoutException) else Fault.UNREACHABLE
-            raise TokenError(f"{self.last_error} ({printable(s.oauth2_token_url, 200)})", permanent=False, fault=fault) from None
-        if resp.status_code != 200:
-            self.guard.record(outcome_for_status(resp.status_code))
-            self._metrics.token_fetches.labels("error").inc()
-            code, desc = _error_fields(resp)
-            hint = _HINTS.get(code or "", "")
-            if resp.status_code == 404:
-                hint = "check OAUTH2_TOKEN_URL / ORY_PROJECT_SLUG"
-            permanent = resp.status_code in (400, 401, 403, 404)
-            fault = Fault.AUTH if permanent else Fault.BUSY if resp.status_code == 503 else Fault.SERVER
-            self.last_error = f"token endpoint: {code or f'HTTP {resp.status_code}'}" + (f" — {hint}" if hint else "")
-            self._log.error("token_request_failed", status=resp.status_code, error=code, description=desc, hint=hint or None)
-            raise TokenError(self.last_error, permanent=permanent, code=code, fault=fault)
-        token, expires_in, problem = _parse_token_answer(resp)
-        if problem is not None or token is None:
-            self.guard.record(Outcome.FAILURE)
-            self._metrics.token_fetches.labels("error").inc()
-            self.last_error = f"token endpoint returned an unusable answer: {problem}"
-            self._log.error("token_answer_unusable", problem=problem)
-            raise TokenError(self.last_error, permanent=False, fault=Fault.MALFORMED)
-        self.guard.record(Outcome.SUCCESS)
+        token, expires_in = await self._endpoint.fetch()
         REDACTOR.rotate(self._secret_name, token)
         self._token = token
         self._refresh_at = pacing.token_refresh_at(trio.current_time(), expires_in)
         self.obtained_wall = time.time()
-        self.last_error = None
-        self._last_exc = None
-        self._permanent_failures = 0
-        self._metrics.token_fetches.labels("success").inc()
+        self._backoff.clear()
         self._log.info("token_obtained", expires_in=expires_in)
         return token
 
