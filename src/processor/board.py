@@ -21,6 +21,10 @@ from processor.pure.tasks import Backend
 
 MODEL_RECHECK = 60.0  # seconds before a model found unservable is tried again
 UNSERVABLE_MAX = 10  # distinct model names remembered for /health and metrics (then "other")
+BUDGET_WHY = {
+    "no_price": "no price for this model in MODEL_PRICES while a spend cap (SPEND_LIMIT_PER_*) is on: its tasks stay pending",
+    "too_big": "a task of this model alone needs more than a token or spend tier's whole limit: it stays pending",
+}
 
 
 class BackendBoard:
@@ -33,6 +37,9 @@ class BackendBoard:
         self.unusable_models: dict[str, tuple[str, float]] = {}  # model -> (why, trio time)
         self.unservable: dict[str, str] = {}  # model -> why its tasks were left pending (bounded, for /health)
         self.last_success: dict[Backend, float] = {}  # trio time of each backend's last good answer
+        # models whose tasks a token or spend budget leaves pending, and why, per reason
+        # ("no_price", "too_big"; bounded like `unservable`, for /health and metrics)
+        self.budget_refused: dict[str, dict[str, str]] = {}
 
     def model_unusable(self, model: str) -> str | None:
         """Why `model` is not served now (None: try it). A verdict lasts MODEL_RECHECK
@@ -53,6 +60,16 @@ class BackendBoard:
         self.unservable[label] = why[:300]
         return label
 
+    def mark_budget_refused(self, model: str, reason: str) -> tuple[str, bool]:
+        """Remember that a budget left tasks of `model` pending; returns its (bounded)
+        label for metrics and whether it is new."""
+        seen = self.budget_refused.setdefault(reason, {})
+        label = model[:100] if len(seen) < UNSERVABLE_MAX or model[:100] in seen else "other"
+        first = label not in seen
+        if first:
+            seen[label] = BUDGET_WHY.get(reason, reason)
+        return label, first
+
     def succeeded(self, backend: Backend, model: str) -> bool:
         """A good answer: clears what was wrong. True when the backend was out of credit."""
         self.last_success[backend] = trio.current_time()
@@ -66,11 +83,46 @@ class Admission:
         self.limiter = limiter
         self.openai_limiter = openai_limiter
         self.leases = leases
-        self.paused_until = 0.0  # trio time; nothing is admitted (nor polled for) before it
+        self._paused_until = 0.0  # trio time; nothing is admitted (nor polled for) before it
+        self._budget_paused_until = 0.0  # the same, for a token or spend budget without room
+        self._wake = trio.Event()
         self.claim_failures = 0  # consecutive claim PATCHes that failed (back-off)
 
-    def pause(self, seconds: float) -> None:
-        self.paused_until = max(self.paused_until, trio.current_time() + max(0.0, seconds))
+    def pause(self, seconds: float, *, budget: bool = False) -> None:
+        """No admissions for `seconds`. A `budget` pause (a token or spend tier without room)
+        ends early when a settlement frees room (`budget_freed`)."""
+        until = trio.current_time() + max(0.0, seconds)
+        if budget:
+            self._budget_paused_until = max(self._budget_paused_until, until)
+        else:
+            self._paused_until = max(self._paused_until, until)
+
+    @property
+    def paused_until(self) -> float:
+        return max(self._paused_until, self._budget_paused_until)
+
+    @paused_until.setter
+    def paused_until(self, value: float) -> None:
+        self._paused_until = value
+
+    def budget_freed(self) -> None:
+        """A settlement gave room back: a budget pause ends now."""
+        if self._budget_paused_until:
+            self._budget_paused_until = 0.0
+            self._wake.set()
+            self._wake = trio.Event()
+
+    async def sleep_while_paused(self, stopping: trio.Event) -> None:
+        """Until the pause ends, `stopping` is set, or a settlement lifts a budget pause."""
+        wake = self._wake
+        with trio.move_on_at(self.paused_until):
+            async with trio.open_nursery() as n:
+                async def until(ev: trio.Event) -> None:
+                    await ev.wait()
+                    n.cancel_scope.cancel()
+
+                n.start_soon(until, stopping)
+                n.start_soon(until, wake)
 
     @property
     def paused(self) -> bool:

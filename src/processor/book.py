@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from processor.effects.api import ApiError
@@ -95,6 +96,13 @@ class Book:
         self.records[work.id] = lc.Record(work.id)
         self.works[work.id] = work
         self.metrics.in_flight.set(len(self.records))
+
+    def add_charge(self, task_id: str, charge: tuple[str, Any]) -> None:
+        """One more (limiter name, reservation) for a task in hand (a budget's reservation
+        for a call asked again); settled or kept spent with the others."""
+        r = self.records.get(task_id)
+        if r is not None:
+            self.records[task_id] = attrs.evolve(r, charges=(*r.charges, charge))
 
     def take_id(self, task_id: str) -> None:
         """An id without work (a defect reported at intake, a recovered row)."""

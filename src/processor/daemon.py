@@ -35,7 +35,7 @@ from processor.effects.guard import Guard
 from processor.effects.health import HealthApp
 from processor.effects.http import build_client
 from processor.effects.leases import Leases, NoLeases
-from processor.effects.limiter import Limiter, build_limiter
+from processor.effects.limiter import Limiter, build_limiter, tier_views
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
 from processor.effects.store import JournalStore
@@ -57,10 +57,7 @@ class StartupError(Exception):
 
 
 def _tiers(limiter: Limiter) -> list[dict[str, Any]]:
-    return [
-        {"period": u.period.value, "used": u.used, "limit": u.limit, "remaining": u.remaining, "resets_at": u.resets_at}
-        for u in limiter.usage()
-    ]
+    return tier_views(limiter.usage())
 
 
 def _os_error(exc: BaseException) -> OSError | None:
@@ -220,6 +217,8 @@ class Daemon:
             "unavailable_models": {b.value: dict(u) for b, a in rt.backends.items() if (u := getattr(a, "unavailable", None))},
             "backends_unusable": {b.value: m for b, m in rt.backend_down.items()},
             "models_unservable": dict(rt.unservable),
+            # token / spend budgets: models whose tasks stay pending, per reason (no_price, too_big)
+            "models_budget_refused": {k: dict(v) for k, v in rt.board.budget_refused.items()},
         }
 
     def _guards(self) -> list[Guard]:

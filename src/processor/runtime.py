@@ -91,7 +91,10 @@ class Runtime:
         self.api_budget = Budget()
         self.routing = routing
         self.kinds: Mapping[str, TaskKind] = kinds if kinds is not None else {"text_embedding": EmbeddingKind()}
-        self.ports = KindPorts(embedding=backends, chat=chat or {}, wikidata=wikidata)
+        from processor.stages.budget import BudgetPort
+
+        self.ports = KindPorts(embedding=backends, chat=chat or {}, wikidata=wikidata,
+                               budget=BudgetPort(self) if getattr(limiter, "budgets", False) else None)
         self.rng = rng or random.Random()
         self.wall = wall
         self.book = Book(capacity=settings.intake_capacity, journal=journal, leases=leases, api=api, metrics=metrics,

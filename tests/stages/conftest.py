@@ -201,6 +201,8 @@ class FakeLimiter:
     (reservations aligned with the request, None for a refused task). Records every
     reservation handed out, every refund call and every `reservation_at`."""
 
+    budgets = False
+
     def __init__(self, name: str, *, room: int | None = None, retry_in: float = 7.0) -> None:
         self.name = name
         self.room = room

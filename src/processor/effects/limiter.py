@@ -47,6 +47,7 @@ class Limiter(Protocol):
     """What the stages use. Every method that touches the store raises only `LimiterError`."""
 
     name: str
+    budgets: bool  # a token or spend tier is on: admit `Demand`s, settle after each call
 
     async def admit(self, n: int | Sequence[rl.Demand]) -> rl.Decision: ...
     async def refund(self, reservations: Sequence[rl.Reservation]) -> None: ...
@@ -131,6 +132,11 @@ def _high_water(meta: dict[str, str]) -> float | None:
     return hw if math.isfinite(hw) else None
 
 
+def has_budgets(state: rl.LimiterState) -> bool:
+    """A token or spend tier is on."""
+    return any(t.metric is not rl.Metric.TASKS for t in state.tiers)
+
+
 def limits_map(limits: Limits) -> dict[rl.Period, int]:
     return {rl.Period(k): v for k, v in limits.enabled().items()}
 
@@ -207,6 +213,7 @@ class Unlimited:
     """RATE_LIMIT_ENABLED=false: everything is admitted, nothing is stored."""
 
     name = "unlimited"
+    budgets = False
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.now = clock
@@ -256,6 +263,7 @@ class SqliteLimiter:
         self._tz_name = tz_name
         tz = zoneinfo.ZoneInfo(tz_name)
         self.state = rl.new_state(limits, strategy=strategy, tz=tz, tokens=tokens, spend=spend, prices=prices)
+        self.budgets = has_budgets(self.state)
         try:
             self._store = RateLimitStore(store) if isinstance(store, str) else store
             rows, meta = self._store.load()

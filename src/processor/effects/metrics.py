@@ -146,6 +146,11 @@ class Metrics:
         # Set by the runtime as before; once `watch` is called it is computed at scrape time.
         self.outbox_oldest = Gauge("processor_outbox_oldest_age_seconds", "Age of the oldest unreported result", registry=r)
         self.rejected = Counter("ai_tasks_rejected_total", "Pending entries that could not be processed", ["reason"], registry=r)
+        self.budget_refused = Counter(
+            "ai_tasks_budget_refused_total", "Tasks a token or spend budget left pending for good as things are:"
+            " no_price (no price for the model while a spend cap is on) or too_big (one task needs more than a"
+            " tier's whole limit), by model (the first 10 names, then other)", ["reason", "model"], registry=r,
+        )
         self.unservable = Counter(
             "ai_tasks_unservable_total", "Tasks left pending because this deployment cannot serve their model, by model"
             " (the first 10 names, then other)", ["model"], registry=r,

@@ -30,7 +30,16 @@ import coredis
 import trio
 
 from processor.config import Limits, Settings
-from processor.effects.limiter import LimiterError, TierWatch, Unlimited, budget_maps, format_usage, free_decision, limits_map
+from processor.effects.limiter import (
+    LimiterError,
+    TierWatch,
+    Unlimited,
+    budget_maps,
+    format_usage,
+    free_decision,
+    has_budgets,
+    limits_map,
+)
 from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
 from processor.effects.retrying import retrying
@@ -259,6 +268,7 @@ class RedisLimiter:
         self._tz = zoneinfo.ZoneInfo(tz_name)
         self._base = rl.new_state(limits, strategy=strategy, tz=self._tz, tokens=tokens, spend=spend, prices=prices)
         self.state = self._base
+        self.budgets = has_budgets(self._base)
         self._offset = 0.0  # Redis time minus local time, for usage() between calls
         base = f"{shared.prefix}:rl:{name}:{strategy.value}:{tz_name}"
         # task tiers keep the key names of the first release (counters carry over)

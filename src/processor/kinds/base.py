@@ -12,6 +12,12 @@ The stages never look inside a task's content or result: they ask its kind.
   about that task alone (e.g. `Fault.BAD_ANSWER`, `Fault.MALFORMED`). A fault of the
   whole call is raised as a `DependencyError`; the stage looks up what to do in
   `processor.pure.policy` (split the group, retry, release, mark the model unusable, ...).
+  A `Computed` carries the call's real token usage in `meta["usage"]` (a `Usage`, the
+  totals of the whole call, the same object on each of its results) when the backend
+  reported it; token and spend budgets are settled from it.
+* `demand(work)` (optional): what the task may cost at most (`processor.pure.ratelimit.Demand`),
+  reserved before the claim when a token or spend budget is on. A kind without it is
+  reserved its text's UTF-8 bytes.
 
 A kind is stateless apart from what it was built with: `make(settings) -> TaskKind` is
 the factory an entry point names.
@@ -60,8 +66,24 @@ class Work:
 
 
 @attrs.frozen
+class Usage:
+    """The tokens one backend call used, as the backend reported them (all of its
+    attempts, for a kind that asks again)."""
+
+    tokens_in: int
+    tokens_out: int = 0
+
+
+def priced_model(work: Work) -> str | None:
+    """The model a task's spend is priced by: None for a local backend (Ollama, in-process),
+    which costs nothing; the mock is priced like the model it stands in for."""
+    return work.model if work.backend in (Backend.OPENAI, Backend.MOCK) else None
+
+
+@attrs.frozen
 class Computed:
-    """A result ready to report. `meta` is logged with the report (model, template, tokens)."""
+    """A result ready to report. `meta` is logged with the report (model, template, tokens);
+    `meta["usage"]`, when present, is the call's `Usage`."""
 
     task_id: str
     result: Any
@@ -75,6 +97,9 @@ class KindPorts:
     embedding: Mapping[Backend, Any] = attrs.field(factory=dict)  # EmbeddingBackend per backend
     chat: Mapping[Backend, Any] = attrs.field(factory=dict)  # chat adapters per backend
     wikidata: Any = None  # the Wikidata adapter, when a kind needs it
+    # token and spend budgets, when on: `await budget.again(work)` reserves one more call for
+    # a task before a kind asks again (False: no room; hand the task back)
+    budget: Any = None
 
 
 class TaskKind(Protocol):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-from processor.kinds.base import Computed, Content, Defect, KindPorts, Work
+from processor.kinds.base import Computed, Content, Defect, KindPorts, Usage, Work, priced_model
 from processor.pure import vectors
 from processor.pure.faults import Dependency, DependencyError, Fault
+from processor.pure.ratelimit import Demand
 from processor.pure.tasks import MAX_TEXT_CHARS, Backend
 
 TYPE = "text_embedding"
@@ -79,6 +80,10 @@ class EmbeddingKind:
             return None
         return Defect("text_too_long", f"text is too long for {work.model} (about {n} tokens; the limit is {limit})")
 
+    def demand(self, work: Work) -> Demand:
+        """At most the text's UTF-8 bytes (a cut text is shorter), priced by the task's model."""
+        return Demand.upper_bound(work.text, priced_model(work))
+
     def texts(self, works: Sequence[Work], ports: KindPorts) -> list[str]:
         if not works:
             return []
@@ -103,12 +108,15 @@ class EmbeddingKind:
             raise
         except Exception as exc:  # an adapter that still speaks the older vocabulary
             raise _as_dependency_error(exc) from None
-        return check(adapter, w, works, result.vectors)
+        tokens = getattr(result, "prompt_tokens", None)
+        return check(adapter, w, works, result.vectors, Usage(tokens) if isinstance(tokens, int) else None)
 
 
-def check(adapter: object, first: Work, works: Sequence[Work], raw: Sequence[object]) -> list[Computed | DependencyError]:
+def check(adapter: object, first: Work, works: Sequence[Work], raw: Sequence[object],
+          usage: Usage | None = None) -> list[Computed | DependencyError]:
     """One finite vector of the expected size per input; a batch of one other size is the
-    backend's configuration (DIMENSION), never the tasks' defect."""
+    backend's configuration (DIMENSION), never the tasks' defect. `usage` (the call's
+    tokens, when the backend said) goes in each result's meta."""
     expected = adapter.expected_dim(first.model)  # type: ignore[attr-defined]
     if not isinstance(raw, (list, tuple)) or len(raw) != len(works):
         n = len(raw) if isinstance(raw, (list, tuple)) else 0
@@ -128,7 +136,10 @@ def check(adapter: object, first: Work, works: Sequence[Work], raw: Sequence[obj
     out: list[Computed | DependencyError] = []
     for work, verdict in zip(works, verdicts, strict=True):
         if isinstance(verdict, vectors.VectorOk):
-            out.append(Computed(work.id, verdict.vector, {"model": work.model, "backend": work.backend.value}))
+            meta: dict[str, object] = {"model": work.model, "backend": work.backend.value}
+            if usage is not None:
+                meta["usage"] = usage
+            out.append(Computed(work.id, verdict.vector, meta))
         else:
             out.append(DependencyError(f"{work.backend.value}/{work.model}: {verdict.reason}", Fault.MALFORMED))
     return out

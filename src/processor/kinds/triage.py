@@ -25,14 +25,17 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import orjson
 import trio
 
 from processor.effects.chat.base import ChatError, ChatRequest
 from processor.effects.logs import get_logger
 from processor.effects.prompts import load_template
-from processor.kinds.base import Computed, Content, Defect, KindPorts, Work
+from processor.kinds.base import Computed, Content, Defect, KindPorts, Usage, Work, priced_model
+from processor.pure import budget
 from processor.pure import triage as tr
 from processor.pure.faults import Dependency, DependencyError, Fault
+from processor.pure.ratelimit import Demand
 from processor.pure.tasks import Backend
 
 PLATFORM_MODEL = "o3"  # what the platform sends for every triage type today (for `check`)
@@ -45,8 +48,10 @@ class TriageKind:
     def __init__(
         self, task_type: tr.TriageType, *, template: tr.Template, mode: str, language: str = "pt",
         model_map: Mapping[str, str] | None = None, template_origin: str = "package", bad_answer_retries: int = 2,
+        max_tokens: int = 8192,
     ) -> None:
         self._bad_answer_retries = bad_answer_retries
+        self._max_tokens = max_tokens
         self.triage_type = task_type
         self.type = task_type.value
         self.template = template
@@ -100,7 +105,11 @@ class TriageKind:
             metrics.model_mapped.labels(work.requested_model, work.model).inc()
         claim, request = self.request(work)
         bad: ChatError | None = None
-        for _ in range(1 + self._bad_answer_retries):  # a bad answer is asked again at once, bounded
+        used = Usage(0, 0)
+        known = True  # every answer's tokens are known (a refused or cut-off one's are not)
+        for asked in range(1 + self._bad_answer_retries):  # a bad answer is asked again at once, bounded
+            if asked and ports.budget is not None and not await ports.budget.again(work):
+                break  # a token or spend budget has no room for one more call: handed back for later
             try:
                 if timeout is not None:
                     with trio.fail_after(timeout):
@@ -114,17 +123,30 @@ class TriageKind:
                     raise
                 self._bad(metrics, "unusable", str(exc))
                 bad = exc
+                known = False
                 continue
+            known = known and answer.prompt_tokens > 0  # 0: the answer carried no usage
+            used = Usage(used.tokens_in + answer.prompt_tokens, used.tokens_out + answer.completion_tokens)
             verdict = tr.validate_answer(claim, answer.content_json)
             if isinstance(verdict, tr.BadAnswer):
                 self._bad(metrics, "invalid", verdict.reason)
                 bad = ChatError(f"{work.backend.value}/{work.model}: {verdict.reason}", Fault.BAD_ANSWER)
                 continue
-            return await self._result(ports, work, claim, answer, verdict)
+            return await self._result(ports, work, claim, answer, verdict, used if known else None)
         assert bad is not None
         return bad  # for this task alone: the stage hands it back for later (a persisted attempt)
 
-    async def _result(self, ports: KindPorts, work: Work, claim: tr.Claim, answer: Any, verdict: tr.Answer) -> Computed:
+    def demand(self, work: Work) -> Demand:
+        """One call at most: what it sends (messages and answer schema, in UTF-8 bytes, plus
+        framing) and its answer budget (CHAT_MAX_TOKENS), priced by the model asked. A bad
+        answer asked again reserves one more call first (`KindPorts.budget`)."""
+        _, request = self.request(work)
+        tokens_in, tokens_out = budget.chat_bound(
+            (request.system, request.user, orjson.dumps(request.schema).decode()), self._max_tokens)
+        return Demand(tokens_in, tokens_out, priced_model(work))
+
+    async def _result(self, ports: KindPorts, work: Work, claim: tr.Claim, answer: Any, verdict: tr.Answer,
+                      usage: Usage | None = None) -> Computed:
         names, people = tr.lookups(verdict)
         ids: dict[str, Any] = {}
         wikidata = "none" if not names else "off"
@@ -138,7 +160,7 @@ class TriageKind:
             "completion_tokens": answer.completion_tokens, "wikidata": wikidata,
         }
         self._log.info("triage_computed", task_id=work.id, **meta)
-        return Computed(work.id, result, meta)
+        return Computed(work.id, result, meta if usage is None else {**meta, "usage": usage})
 
     def _bad(self, metrics: Any, kind: str, reason: str) -> None:
         if metrics is not None:
@@ -166,6 +188,7 @@ def make_kind(task_type: tr.TriageType, settings: Any) -> TriageKind:
         task_type, template=template, template_origin=origin, mode=getattr(mode, "value", str(mode)),
         language=getattr(settings, "output_language", "pt"), model_map=model_map,
         bad_answer_retries=getattr(settings, "chat_bad_answer_retries", 2),
+        max_tokens=getattr(settings, "chat_max_tokens", 8192),
     )
 
 

@@ -80,6 +80,21 @@ def token_upper_bound(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+# Tokens a chat call may use beyond the UTF-8 bytes of its messages and answer schema (the
+# chat format's framing: a few tokens per message, the reply's priming, the schema's wrapper).
+CHAT_FRAMING = 64
+# The answer budget reserved when CHAT_MAX_TOKENS is 0 (the model's own limit applies, which
+# this cannot know): then the reservation is an estimate, not a bound.
+UNBOUNDED_ANSWER = 32_768
+
+
+def chat_bound(texts: Sequence[str], max_tokens: int) -> tuple[int, int]:
+    """(tokens in, tokens out) one chat call can use at most: the UTF-8 bytes of what it
+    sends (messages and answer schema) plus `CHAT_FRAMING`, and its answer budget
+    (`UNBOUNDED_ANSWER` when `max_tokens` is 0)."""
+    return sum(token_upper_bound(t) for t in texts) + CHAT_FRAMING, max_tokens if max_tokens > 0 else UNBOUNDED_ANSWER
+
+
 def split(total: int, weights: Sequence[int]) -> list[int]:
     """`total` shared out in proportion to `weights` (equal shares when all are 0), in
     integers that add up to `total` exactly (largest remainders; ties go to the first)."""

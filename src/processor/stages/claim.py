@@ -18,10 +18,12 @@ from processor.effects.limiter import LimiterError
 from processor.effects.retrying import retrying
 from processor.effects.store import StoreError
 from processor.kinds.base import Work
+from processor.pure import ratelimit as rl
 from processor.pure.faults import Fault
 from processor.pure.lifecycle import Event
 from processor.pure.tasks import Backend
 from processor.runtime import Runtime, api_fault, api_retryable
+from processor.stages import budget
 
 
 async def claimer(rt: Runtime, intake: trio.MemoryReceiveChannel[Work], claimed: trio.MemorySendChannel[Work]) -> None:
@@ -92,14 +94,27 @@ async def admit(rt: Runtime, group: list[Work], log: Any) -> list[Work]:
     if not group:
         return []
     charges: dict[str, tuple[Any, ...]] = {w.id: () for w in group}
+    budgets = budget.budgets_on(rt)
     try:
-        decision = await rt.admission.limiter.admit(len(group))
+        # with a token or spend tier on, each task reserves what it may cost at most
+        decision = await rt.admission.limiter.admit(budget.demands(rt, group) if budgets else len(group))
     except LimiterError as exc:  # the store cannot count: nothing goes through uncounted
         await _limiter_failed(rt, group, exc, log)
         return []
-    admitted, refused = group[: decision.admitted], group[decision.admitted :]
-    for w, r in zip(admitted, decision.reservations, strict=False):
-        charges[w.id] = (("global", r),)
+    if budgets:
+        # reservations are aligned with the request: None for a refused task
+        admitted = [w for w, r in zip(group, decision.reservations, strict=True) if r is not None]
+        refused = [w for w, why in zip(group, decision.refusals, strict=True) if why is rl.Refusal.LIMIT]
+        for w, r in zip(group, decision.reservations, strict=True):
+            if r is not None:
+                charges[w.id] = (("global", r),)
+        if len(admitted) + len(refused) < len(group):  # no price, or bigger than a whole tier
+            await budget.left_pending(rt, group, decision.refusals, log)
+            group = [w for w, why in zip(group, decision.refusals, strict=True) if why is None or why is rl.Refusal.LIMIT]
+    else:
+        admitted, refused = group[: decision.admitted], group[decision.admitted :]
+        for w, r in zip(admitted, decision.reservations, strict=False):
+            charges[w.id] = (("global", r),)
     retry_at = decision.retry_at - rt.admission.limiter.now() if decision.retry_at is not None else None
     openai = [w for w in admitted if w.backend is Backend.OPENAI]
     if openai:
@@ -125,7 +140,12 @@ async def admit(rt: Runtime, group: list[Work], log: Any) -> list[Work]:
     if refused:
         await rt.book.move([w.id for w in refused], Event.NOT_ADMITTED)
         if retry_at is not None:
-            rt.admission.pause(retry_at)
+            if budgets and not decision.exhausted:
+                # a token or spend tier has no room: a settlement here lifts the pause, and
+                # one of another replica is seen at the next poll
+                rt.admission.pause(min(retry_at, rt.s.polling_interval_seconds), budget=True)
+            else:
+                rt.admission.pause(retry_at)
             log.info("rate_limited", admitted=len(admitted), refused=len(refused), resume_in=round(retry_at, 3))
     return admitted
 

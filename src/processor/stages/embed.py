@@ -21,6 +21,7 @@ from processor.pure.lifecycle import Event, Outcome
 from processor.pure.policy import Action
 from processor.pure.tasks import Backend
 from processor.runtime import Runtime
+from processor.stages import budget
 
 OPERATION_DEADLINE = 300.0
 
@@ -92,11 +93,13 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
         await rt.book.release([w.id for w in works], "backend_unavailable")
         return
     started = trio.current_time()
+    billed = [False]  # an attempt that failed may have been billed (no answer, a 5xx): reservations stay
     await rt.book.move([w.id for w in works if rt.book.phase(w.id) is not None], Event.DISPATCH)
 
     def on(exc: BaseException) -> bool | float:
         if not isinstance(exc, DependencyError):
             return False
+        billed[0] = billed[0] or exc.fault not in budget.NOT_BILLED
         r = policy.rule(kind.dependency, exc.fault)
         if r.action is Action.SPLIT and len(works) > 1:
             # maybe one input's fault (a healthy server with a poison input): the halves will
@@ -124,6 +127,8 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
         await carry_out(rt, kind, works, exc, results, started)
         return
     guard.record(BreakerOutcome.SUCCESS)
+    if rt.ports.budget is not None:  # token or spend budgets: the real usage replaces the reservations
+        await budget.settle_call(rt, works, answers, retried=billed[0])
     if rt.board.succeeded(backend, model):
         rt.metrics.quota_exhausted.labels(backend.value).set(0)
     rt.metrics.backend_requests.labels(backend.value, model, "success").inc()

@@ -37,8 +37,7 @@ async def poller(rt: Runtime, intake: trio.MemorySendChannel[Work], rejects: tri
         while not rt.stopping.is_set():
             await rt.book.wait_for_room(rt.stopping)
             if rt.admission.paused:
-                with trio.move_on_at(rt.admission.paused_until):
-                    await rt.stopping.wait()
+                await rt.admission.sleep_while_paused(rt.stopping)
                 continue
             if rt.stopping.is_set():
                 break

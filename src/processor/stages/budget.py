@@ -1,0 +1,130 @@
+"""Token and spend budgets in the stages (RATE_LIMIT_TOKENS_PER_*, SPEND_LIMIT_PER_*).
+
+* Before the claim, each task reserves what it may cost at most (`demands`: its kind's
+  `demand`, an upper bound of its tokens, priced by its model), beside its task units.
+* After a call that answered, its tasks' reservations are replaced by the call's real
+  usage (`settle_call`, from `Computed.meta["usage"]`). Room a settlement frees lifts a
+  pause a budget caused, so waiting tasks go at once.
+* What never reached a backend is refunded whole by the lifecycle; what reached one and
+  did not answer with a usage stays spent at its reservation (an upper bound: the
+  counters may overstate what was spent, never understate it).
+* A task whose model has no price while a spend cap is on, or that alone needs more than
+  a tier's whole limit, stays pending (never failed): counted, logged once per model, named
+  in /health, and not taken again for `RECENT_TTL` seconds.
+
+Nothing here runs unless the global limiter has a token or spend tier (`budgets_on`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from processor.effects.limiter import LimiterError
+from processor.kinds.base import Computed, Usage, Work, priced_model
+from processor.pure import ratelimit as rl
+from processor.pure.faults import Fault
+
+if TYPE_CHECKING:
+    from processor.runtime import Runtime
+
+# Faults of a failed attempt that the provider does not bill (it refused the request before
+# doing the work); after any other one (no answer, a 5xx, a malformed answer) the work may
+# have been done and billed.
+NOT_BILLED = frozenset({Fault.RATE_LIMITED, Fault.QUOTA, Fault.AUTH, Fault.BUSY, Fault.INPUT, Fault.PARAMETER,
+                        Fault.MODEL_MISSING})
+
+REASONS = {
+    rl.Refusal.NO_PRICE: "no_price",
+    rl.Refusal.TOO_BIG: "too_big",
+}
+
+
+def budgets_on(rt: Runtime) -> bool:
+    return bool(getattr(rt.admission.limiter, "budgets", False))
+
+
+def demand_of(rt: Runtime, work: Work) -> rl.Demand:
+    kind = rt.kinds.get(work.type)
+    fn = getattr(kind, "demand", None)
+    return fn(work) if fn is not None else rl.Demand.upper_bound(work.text, priced_model(work))
+
+
+def demands(rt: Runtime, works: Sequence[Work]) -> list[rl.Demand]:
+    return [demand_of(rt, w) for w in works]
+
+
+def call_usage(answers: Sequence[object]) -> Usage | None:
+    """The usage a call's results carry (the same `Usage` on each), or None."""
+    for a in answers:
+        if isinstance(a, Computed):
+            u = a.meta.get("usage")
+            if isinstance(u, Usage):
+                return u
+    return None
+
+
+async def settle_call(rt: Runtime, works: Sequence[Work], answers: Sequence[object], *, retried: bool) -> None:
+    """Replace the reservations of a call's tasks by the call's real usage (all of its
+    tasks, those whose answer was unusable too: they reached the backend). A call that
+    needed retries keeps its reservations (an attempt before the one that answered may
+    have been billed as well: `NOT_BILLED`), and so does one whose backend reported no
+    usage."""
+    if retried:
+        return
+    usage = call_usage(answers)
+    if usage is None:
+        return
+    reservations: list[rl.Reservation] = []
+    for w in works:
+        rec = rt.book.records.get(w.id)
+        if rec is not None:
+            reservations += [r for name, r in rec.charges if name == "global" and isinstance(r, rl.Reservation) and r.charges]
+    if not reservations:
+        return
+    await rt.admission.limiter.settle(reservations, tokens_in=usage.tokens_in, tokens_out=usage.tokens_out)
+    rt.admission.budget_freed()
+
+
+class BudgetPort:
+    """`KindPorts.budget`: one more call's reservation for a task a kind asks again."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+
+    async def again(self, work: Work) -> bool:
+        rt = self._rt
+        try:
+            decision = await rt.admission.limiter.admit([demand_of(rt, work)])
+        except LimiterError as exc:
+            rt.log.warning("budget_reserve_failed", task_id=work.id, error=str(exc))
+            return False
+        r = decision.reservations[0] if decision.reservations else None
+        if r is None:
+            return False
+        rt.book.add_charge(work.id, ("global", r))
+        return True
+
+
+async def left_pending(rt: Runtime, works: Sequence[Work], refusals: Sequence[rl.Refusal | None], log: Any) -> None:
+    """Tasks a budget can never admit as things are (no price, bigger than a tier): counted
+    per model, named in /health, logged once per model, dropped (they stay pending) and not
+    taken again for a while."""
+    now = trio.current_time()
+    ids = []
+    for w, why in zip(works, refusals, strict=True):
+        reason = REASONS.get(why) if why is not None else None
+        if reason is None:
+            continue
+        label, first = rt.board.mark_budget_refused(w.model, reason)
+        rt.metrics.budget_refused.labels(reason, label).inc()
+        if first:
+            log.warning("budget_left_pending", model=w.model, reason=reason, why=rt.board.budget_refused[reason][label],
+                        action="tasks of this model stay pending")
+        ids.append(w.id)
+    await rt.book.drop(ids)
+    for i in ids:
+        rt.book.recent[i] = now
+        rt.book.recent.move_to_end(i)
