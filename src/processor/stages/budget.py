@@ -26,6 +26,7 @@ from processor.effects.limiter import LimiterError
 from processor.kinds.base import Computed, Usage, Work, priced_model
 from processor.pure import ratelimit as rl
 from processor.pure.faults import Fault
+from processor.pure.lifecycle import Event
 
 if TYPE_CHECKING:
     from processor.runtime import Runtime
@@ -124,7 +125,8 @@ async def left_pending(rt: Runtime, works: Sequence[Work], refusals: Sequence[rl
             log.warning("budget_left_pending", model=w.model, reason=reason, why=rt.board.budget_refused[reason][label],
                         action="tasks of this model stay pending")
         ids.append(w.id)
-    await rt.book.drop(ids)
+    rt.book.fire(ids, Event.RESERVE, charges=())  # leased, nothing charged: the lease goes back with it
+    await rt.book.move(ids, Event.NOT_ADMITTED)
     for i in ids:
         rt.book.recent[i] = now
         rt.book.recent.move_to_end(i)
