@@ -47,7 +47,9 @@ class Limiter(Protocol):
     """What the stages use. Every method that touches the store raises only `LimiterError`."""
 
     name: str
-    budgets: bool  # a token or spend tier is on: admit `Demand`s, settle after each call
+
+    @property
+    def budgets(self) -> bool: ...  # a token or spend tier is on: admit `Demand`s, settle after each call
 
     async def admit(self, n: int | Sequence[rl.Demand]) -> rl.Decision: ...
     async def refund(self, reservations: Sequence[rl.Reservation]) -> None: ...
@@ -263,7 +265,6 @@ class SqliteLimiter:
         self._tz_name = tz_name
         tz = zoneinfo.ZoneInfo(tz_name)
         self.state = rl.new_state(limits, strategy=strategy, tz=tz, tokens=tokens, spend=spend, prices=prices)
-        self.budgets = has_budgets(self.state)
         try:
             self._store = RateLimitStore(store) if isinstance(store, str) else store
             rows, meta = self._store.load()
@@ -292,6 +293,10 @@ class SqliteLimiter:
         self._admissions = 0
         self._watch = TierWatch(name, metrics)
         self._watch.update(rl.usage(self.state, clock()))
+
+    @property
+    def budgets(self) -> bool:
+        return has_budgets(self.state)
 
     @property
     def healthy(self) -> tuple[bool, str | None]:

@@ -268,7 +268,6 @@ class RedisLimiter:
         self._tz = zoneinfo.ZoneInfo(tz_name)
         self._base = rl.new_state(limits, strategy=strategy, tz=self._tz, tokens=tokens, spend=spend, prices=prices)
         self.state = self._base
-        self.budgets = has_budgets(self._base)
         self._offset = 0.0  # Redis time minus local time, for usage() between calls
         base = f"{shared.prefix}:rl:{name}:{strategy.value}:{tz_name}"
         # task tiers keep the key names of the first release (counters carry over)
@@ -281,6 +280,10 @@ class RedisLimiter:
 
     def now(self) -> float:
         return time.time() + self._offset
+
+    @property
+    def budgets(self) -> bool:
+        return has_budgets(self._base)
 
     @property
     def healthy(self) -> tuple[bool, str | None]:

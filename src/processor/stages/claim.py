@@ -101,20 +101,7 @@ async def admit(rt: Runtime, group: list[Work], log: Any) -> list[Work]:
     except LimiterError as exc:  # the store cannot count: nothing goes through uncounted
         await _limiter_failed(rt, group, exc, log)
         return []
-    if budgets:
-        # reservations are aligned with the request: None for a refused task
-        admitted = [w for w, r in zip(group, decision.reservations, strict=True) if r is not None]
-        refused = [w for w, why in zip(group, decision.refusals, strict=True) if why is rl.Refusal.LIMIT]
-        for w, r in zip(group, decision.reservations, strict=True):
-            if r is not None:
-                charges[w.id] = (("global", r),)
-        if len(admitted) + len(refused) < len(group):  # no price, or bigger than a whole tier
-            await budget.left_pending(rt, group, decision.refusals, log)
-            group = [w for w, why in zip(group, decision.refusals, strict=True) if why is None or why is rl.Refusal.LIMIT]
-    else:
-        admitted, refused = group[: decision.admitted], group[decision.admitted :]
-        for w, r in zip(admitted, decision.reservations, strict=False):
-            charges[w.id] = (("global", r),)
+    group, admitted, refused = await _split(rt, group, decision, charges, log, budgets=budgets)
     retry_at = decision.retry_at - rt.admission.limiter.now() if decision.retry_at is not None else None
     openai = [w for w in admitted if w.backend is Backend.OPENAI]
     if openai:
@@ -148,6 +135,28 @@ async def admit(rt: Runtime, group: list[Work], log: Any) -> list[Work]:
                 rt.admission.pause(retry_at)
             log.info("rate_limited", admitted=len(admitted), refused=len(refused), resume_in=round(retry_at, 3))
     return admitted
+
+
+async def _split(rt: Runtime, group: list[Work], decision: rl.Decision, charges: dict[str, tuple[Any, ...]], log: Any,
+                 *, budgets: bool) -> tuple[list[Work], list[Work], list[Work]]:
+    """(the tasks still in hand, the admitted, the refused for lack of room) of the global
+    decision; each admitted task's reservation goes into `charges`. With budgets, the
+    reservations are aligned with the request (None: refused), and tasks refused for no
+    price or for being bigger than a whole tier are left pending at once."""
+    if not budgets:
+        admitted, refused = group[: decision.admitted], group[decision.admitted :]
+        for w, r in zip(admitted, decision.reservations, strict=False):
+            charges[w.id] = (("global", r),)
+        return group, admitted, refused
+    admitted = [w for w, r in zip(group, decision.reservations, strict=True) if r is not None]
+    refused = [w for w, why in zip(group, decision.refusals, strict=True) if why is rl.Refusal.LIMIT]
+    for w, r in zip(group, decision.reservations, strict=True):
+        if r is not None:
+            charges[w.id] = (("global", r),)
+    if len(admitted) + len(refused) < len(group):  # no price, or bigger than a whole tier
+        await budget.left_pending(rt, group, decision.refusals, log)
+        group = [w for w, why in zip(group, decision.refusals, strict=True) if why is None or why is rl.Refusal.LIMIT]
+    return group, admitted, refused
 
 
 async def _limiter_failed(rt: Runtime, group: list[Work], exc: LimiterError, log: Any) -> None:
