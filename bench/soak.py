@@ -152,6 +152,7 @@ async def soak(args: argparse.Namespace) -> None:
         t_start = time.monotonic()
         end_feed = t_start + args.minutes * 60
         start_figures: dict[int, tuple[float, int]] = {}
+        start_redactor: list[str | None] = []
         fired: Counter[str] = Counter()
         feed = 0
 
@@ -198,13 +199,14 @@ async def soak(args: argparse.Namespace) -> None:
                     next_phase = now + rng.uniform(5, 20)
                 if not start_figures and now - t_start >= WARMUP:
                     start_figures = {i: (rss_mb(d.proc.pid), open_fds(d.proc.pid)) for i, d in enumerate(daemons)}
+                    start_redactor = [await _redactor_size(d) for d in daemons]
                 await trio.sleep(1)
             fired.update(st.stats()["faults_fired"])
             w.calm()
             feed_seconds = time.monotonic() - t_start
             drained = await w.wait_quiet(DRAIN_TIMEOUT, quiet_for=3)
             end_figures = {i: (rss_mb(d.proc.pid), open_fds(d.proc.pid)) for i, d in enumerate(daemons)}
-            metrics = await daemons[0].get("/metrics")
+            end_redactor = [await _redactor_size(d) for d in daemons]
             leaks = []
             for d in daemons:
                 leaks += await w.leaks(d)
@@ -218,10 +220,6 @@ async def soak(args: argparse.Namespace) -> None:
         conflicting = sum(1 for v in st.callback_results.values() if len(v) > 1)
         failed = states.get("failed", 0)
         pending = states.get("pending", 0)
-        redactor = None
-        if metrics is not None:
-            m = re.search(r"^processor_redactor\w*\s+([0-9.e+]+)$", metrics.text, re.M)
-            redactor = m.group(1) if m else None
         for d in daemons:
             await d.stop(30)
     if redis is not None:
@@ -243,10 +241,22 @@ async def soak(args: argparse.Namespace) -> None:
         e_rss, e_fd = end_figures[i]
         print(f"replica {i}: RSS {s_rss:.1f} -> {e_rss:.1f} MB ({_pct(s_rss, e_rss)}), open FDs {s_fd} -> {e_fd} ({_pct(s_fd, e_fd)})"
               " (start = after warm-up; replaced replicas restart the count)")
-    print(f"redactor size: {redactor if redactor is not None else 'not exposed by the daemon (needs a metric, e.g. processor_redactor_secrets)'}")
+    if any(r is not None for r in end_redactor):
+        print("redactor size (processor_redactor_secrets, secret values held): " + ", ".join(
+            f"replica {i} {start_redactor[i] if i < len(start_redactor) else '?'} -> {r}" for i, r in enumerate(end_redactor))
+            + " (after warm-up -> end)")
+    else:
+        print("redactor size: not exposed by the daemon (needs a metric, e.g. processor_redactor_secrets)")
     print(f"faults fired: {dict(fired)}; token requests {st.token_requests}; tokens issued {len(st.issued)}; "
           f"backend statuses {dict(fake.statuses)}; redis restarts {redis.restarts if redis else 0}")
     print(f"secrets seen: {leaks or 'none'}")
+
+
+async def _redactor_size(d: Daemon) -> str | None:
+    """The daemon's `processor_redactor_secrets` (how many secret values its log redactor holds)."""
+    r = await d.get("/metrics")
+    m = re.search(r"^processor_redactor_secrets\s+([0-9.e+]+)$", r.text, re.M) if r is not None else None
+    return f"{float(m.group(1)):g}" if m else None
 
 
 def _right(result: Any, text: str | None) -> bool:

@@ -184,6 +184,17 @@ class Book:
         if Effect.FORGET in want:
             self._forget([(i, s) for i, s in steps if Effect.FORGET in s.effects])
 
+    def _expire_recent(self, now: float) -> None:
+        """Forget finished ids older than RECENT_TTL (oldest first: `recent` is in time
+        order), and the oldest beyond RECENT_MAX, so that it holds only the last two
+        minutes however long the process runs."""
+        recent = self.recent
+        while recent:
+            oldest, at = next(iter(recent.items()))
+            if now - at < RECENT_TTL and len(recent) <= RECENT_MAX:
+                break
+            del recent[oldest]
+
     async def _quiet(self, aw: Any, what: str) -> None:
         try:
             await aw
@@ -200,8 +211,7 @@ class Book:
             if step.record.phase in (Phase.REPORTED, Phase.ABANDONED):
                 self.recent[i] = now
                 self.recent.move_to_end(i)
-        while len(self.recent) > RECENT_MAX:
-            self.recent.popitem(last=False)
+        self._expire_recent(now)
         self.metrics.in_flight.set(len(self.records))
         self._publish_outbox()
         if len(self.records) <= self.capacity // 2:

@@ -183,3 +183,16 @@ async def test_wait_for_room_returns_once_the_book_is_half_empty(tmp_path, autoj
             await w.rt.book.wait_for_room(w.rt.stopping)
     finally:
         w.close()
+
+
+async def test_finished_ids_are_remembered_for_recent_ttl_only(world: World, autojump_clock) -> None:
+    """The ids of finished tasks are kept RECENT_TTL seconds, not until RECENT_MAX of them
+    piled up: a long run at a steady rate keeps the last RECENT_TTL seconds' worth (a count)."""
+    book = world.rt.book
+    for n in range(600):  # one task reported every second, five times RECENT_TTL
+        ids = await _claimed(world, n)
+        await book.perform(book.fire_each({ids[0]: Outcome.success([1.0])}, Event.COMPUTED))
+        await book.move(ids, Event.REPORT_OK)
+        await trio.sleep(1.0)
+        assert len(book.recent) <= RECENT_TTL + 1
+    assert len(book) == 0 and book.known(tid(599)) and not book.known(tid(0))

@@ -10,8 +10,9 @@ Labelled counters are created at zero for their known label values (`watch`), so
 
 Some gauges are computed when Prometheus scrapes, from the running daemon's state, so they
 never freeze while a stage is idle: the outbox's oldest result's age, the age of the backlog
-figure, and why the poller is idle (`processor_intake_paused{reason}`). The daemon registers
-its runtime once with `Metrics.watch(rt)`.
+figure, why the poller is idle (`processor_intake_paused{reason}`), and how many secret values
+the log redactor holds (`processor_redactor_secrets`: a count, never a value). The daemon
+registers its runtime once with `Metrics.watch(rt)`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import processor
+from processor.effects.logs import REDACTOR
 
 if TYPE_CHECKING:
     from processor.runtime import Runtime
@@ -271,6 +273,12 @@ class _RuntimeCollector(Collector):
             "ai_tasks_pending_backlog_age_seconds",
             "Seconds since ai_tasks_pending_backlog was measured (it is only measured by a poll)",
         )
+        secrets = GaugeMetricFamily(
+            "processor_redactor_secrets",
+            "Secret values the log redactor holds (a count: the long-lived ones plus the current and previous access token)",
+        )
+        secrets.add_metric([], float(len(REDACTOR)))
+        yield secrets
         rt = m._runtime
         reasons = pause_reasons(rt) if rt is not None else dict.fromkeys(PAUSE_REASONS, False)
         for reason, on in reasons.items():
