@@ -149,7 +149,7 @@ async def soak(args: argparse.Namespace) -> None:
         daemons: list[Daemon] = []
         for i in range(args.replicas):
             daemons.append(await w.start("ollama", STATE_DIR=str(workdir / f"state{i}"), **env))
-        t_start = time.monotonic()
+        t_start, wall_start = time.monotonic(), time.time()
         end_feed = t_start + args.minutes * 60
         start_figures: dict[int, tuple[float, int]] = {}
         start_redactor: list[str | None] = []
@@ -224,14 +224,24 @@ async def soak(args: argparse.Namespace) -> None:
             await d.stop(30)
     if redis is not None:
         redis.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    lost = failed + pending + states.get("in_progress", 0) + len(st.wrong_results)
+    if lost or crashes:  # keep the daemons' logs, and say what happened to each task not done
+        with open(workdir / "not-done.txt", "w") as f:
+            history: dict[str, list[str]] = {}
+            for p in st.patches:
+                history.setdefault(p.task_id, []).append(f"{p.state}@{p.at - wall_start:.1f}s")
+            for key, t in st.tasks.items():
+                if isinstance(t, dict) and t.get("state") != "succeeded":
+                    f.write(f"{key} {t.get('state')}: {' '.join(history.get(key, []))}\n")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"soak: {args.minutes:g} min of faults, {args.replicas} replica(s){' + test-owned Redis' if redis else ' (SQLite)'}, "
           f"daemon from {DAEMON_SRC or 'this tree'}, seed {args.seed}")
     print(f"tasks offered: {feed}; succeeded {succeeded}, failed {failed}, pending {pending}, in_progress {states.get('in_progress', 0)}"
           f"; drained: {drained} ({total_s - feed_seconds:.0f} s after the feed stopped)")
     print(f"tasks/s: {succeeded / total_s:.2f} over {total_s:.0f} s (feed about {args.rate * 0.75:.1f}/s; limit {args.limit}/min)")
-    print(f"lost: {failed + pending + states.get('in_progress', 0) + len(st.wrong_results)} (failed {failed}, never done {pending}, "
-          f"wrong results {len(st.wrong_results)})")
+    print(f"lost: {lost} (failed {failed}, never done {pending}, wrong results {len(st.wrong_results)})"
+          + (f"; daemon logs and each task's PATCHes kept in {workdir}" if lost or crashes else ""))
     print(f"stuck: {states.get('in_progress', 0)}")
     print(f"crashes: {len(crashes)}" + "".join(f"\n  {c}" for c in crashes[:5]))
     print(f"duplicates: {dup} tasks reported succeeded more than once; conflicting results: {conflicting}")
