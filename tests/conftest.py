@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 from processor.config import Settings, load_settings
 from processor.daemon import Daemon
@@ -20,6 +21,12 @@ from processor.effects.logs import configure_logging
 from processor.sandbox import SandboxApp, SandboxState, serve_asgi
 
 configure_logging("WARNING", "json")
+
+# No test may depend on how fast this machine is today: Hypothesis's per-example deadline
+# (200 ms by default) and its "data generation is slow" health check are wall-clock bounds,
+# and CI runs on a busy 2-core machine. Tests that set their own `settings` inherit this.
+settings.register_profile("processor", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("processor")
 
 
 @attrs.define
@@ -83,7 +90,7 @@ class CountingBackend(MockBackend):
 async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
     async with trio.open_nursery() as n:
         n.start_soon(daemon.run)
-        with trio.fail_after(20):
+        with trio.fail_after(120):  # only turns a hang into a failure
             await daemon.started.wait()
         try:
             yield daemon
@@ -91,7 +98,8 @@ async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
             daemon.stop()
 
 
-async def wait_until(pred: Callable[[], bool], timeout: float = 30.0, poll: float = 0.02) -> None:
+async def wait_until(pred: Callable[[], bool], timeout: float = 120.0, poll: float = 0.02) -> None:
+    """Poll `pred`; the timeout only turns a hang into a failure (generous: CI is a busy machine)."""
     with trio.fail_after(timeout):
         while not pred():
             await trio.sleep(poll)

@@ -924,7 +924,7 @@ async def test_daemon_hybrid_ollama_not_up_at_start_tasks_wait_then_succeed(sand
         assert any("ollama" in r and "unreachable" in r for r in daemon.not_ready_reasons())
         assert "unreachable" in daemon.health()["unavailable_models"]["ollama"]["nomic-embed-text"]
         await serve_fake_ollama(nursery, port, stop)
-        await wait_until(all_done(sandbox.state, 6), timeout=60)
+        await wait_until(all_done(sandbox.state, 6))
         assert "ollama" not in daemon.health()["unavailable_models"]
         assert not any("ollama" in r for r in daemon.not_ready_reasons())
     stop.set()

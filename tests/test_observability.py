@@ -69,7 +69,7 @@ async def test_ready_is_503_with_reasons_before_the_api_answers_and_while_stoppi
         r = await c.get("/ready")
         assert r.status_code == 503 and any("token" in x for x in r.json()["reasons"])
         del sandbox.state.faults["*"]
-        await wait_until(lambda: daemon.not_ready_reasons() == [], timeout=30)
+        await wait_until(lambda: daemon.not_ready_reasons() == [])
         daemon.stop()
         await trio.sleep(0)
         r = await c.get("/ready")
@@ -108,14 +108,14 @@ async def test_no_secret_is_ever_logged_or_exposed(sandbox, tmp_path):
                                  REDIS_URL="redis://user:REDISPASS-do-not-log@127.0.0.1:6379/0")
         daemon = Daemon(settings, handle_signals=False)
         async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:
-            await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) >= 5, timeout=60)
+            await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) >= 5)
             issued = list(sandbox.state.tokens)  # revoking forgets them: keep them for the scan
             sandbox.state.revoke_all()
             sandbox.state.client_secret = "rotated"
             # the next request (a claim, a report or the next poll) needs a new token, refused
-            await wait_until(lambda: "token_request_failed" in buf.getvalue(), timeout=60)
+            await wait_until(lambda: "token_request_failed" in buf.getvalue())
             sandbox.state.client_secret = CLIENT_SECRET
-            await wait_until(all_done(sandbox.state, 40), timeout=60)
+            await wait_until(all_done(sandbox.state, 40))
             exposed = (await c.get("/health")).text + (await c.get("/metrics")).text + (await c.get("/ready")).text
     finally:
         configure_logging("WARNING", "json")

@@ -152,9 +152,9 @@ async def test_a_settlement_the_store_cannot_take_counts_at_once_and_is_written_
 
 async def test_a_settlement_redis_cannot_take_is_written_before_the_next_admission(own_redis):  # noqa: F811
     port, holder, start = own_redis
-    client = coredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", decode_responses=True, connect_timeout=1, stream_timeout=1)
+    client = coredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", decode_responses=True, connect_timeout=10, stream_timeout=10)
     async def answering() -> None:  # a redis-server just started may not listen yet
-        with trio.fail_after(20):
+        with trio.fail_after(120):
             while True:
                 try:
                     await client.ping()

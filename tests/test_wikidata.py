@@ -215,7 +215,9 @@ async def test_a_caller_that_gives_up_never_overlaps_requests_and_the_answer_is_
         await trio.sleep(0.02)  # A holds the turn; B gives up waiting for it, before sending anything
         n.start_soon(lambda: wd.resolve(["Tema B"], people=False))
     assert state.max_in_flight == 1
-    await trio.sleep(1.0)  # the shielded request of the first caller finishes and is cached
+    with trio.fail_after(60):
+        async with wd._turn:  # held until the shielded request of the first caller is answered and cached
+            pass
     found, why = await adapter(url, tmp_path).resolve(["Tema A"], people=False)
     await wd.aclose()
     assert why is None and found["Tema A"] is not None and state.requests["wbsearchentities"] == 1

@@ -76,7 +76,7 @@ async def test_daemon_in_local_mode_reports_real_vectors(sandbox, tmp_path) -> N
     ids = sandbox.state.seed(30, text_size=120, model="whatever-the-task-says")
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="local")
     async with running(Daemon(settings, handle_signals=False, serve_health=False)):
-        await wait_until(lambda: all(sandbox.state.tasks[i]["state"] == "succeeded" for i in ids), timeout=60)
+        await wait_until(lambda: all(sandbox.state.tasks[i]["state"] == "succeeded" for i in ids))
     for i in ids:
         v = sandbox.state.tasks[i]["result"]
         assert len(v) == 256 and abs(math.hypot(*v) - 1.0) < 1e-5
@@ -85,7 +85,7 @@ async def test_daemon_in_local_mode_reports_real_vectors(sandbox, tmp_path) -> N
 async def test_daemon_refuses_to_start_with_dimensions_the_model_cannot_give(sandbox, tmp_path) -> None:
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="local", EMBEDDING_DIMENSIONS="1024")
     with pytest.raises(StartupError, match="local backend: .*not 1024"):
-        with trio.fail_after(30):
+        with trio.fail_after(120):
             await Daemon(settings, handle_signals=False, serve_health=False).run()
 
 

@@ -47,7 +47,7 @@ async def test_daemon_bounds_model_labels_from_task_content(sandbox, tmp_path, n
                              OPENAI_BASE_URL=f"{fake}/v1", DEFAULT_MODEL="text-embedding-3-small")
     daemon = Daemon(settings, handle_signals=False, serve_health=False)
     async with running(daemon):
-        await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) == 33, timeout=60)
+        await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) == 33)
     stop.set()
     m = daemon.metrics
     for name in ("openai_requests_total", "openai_tokens_used_total", "embedding_requests_total"):
@@ -87,15 +87,15 @@ async def test_outbox_age_grows_at_scrape_time_while_reports_fail(sandbox, tmp_p
     daemon = Daemon(settings, handle_signals=False, serve_health=False, clock=lambda: now[0])
     async with running(daemon):
         get = daemon.metrics.registry.get_sample_value
-        await wait_until(lambda: get("processor_outbox_size") == 3, timeout=30)
+        await wait_until(lambda: get("processor_outbox_size") == 3)
         assert get("processor_outbox_oldest_age_seconds") == 0
         now[0] += 700  # nothing happens in the daemon: only the scrape sees the time pass
         assert get("processor_outbox_oldest_age_seconds") == 700
         now[0] += 300
         assert b"processor_outbox_oldest_age_seconds 1000.0" in generate_latest(daemon.metrics.registry)
         del sandbox.state.faults["patch"]
-        await wait_until(lambda: all(sandbox.state.tasks[i]["state"] == "succeeded" for i in ids), timeout=30)
-        await wait_until(lambda: get("processor_outbox_size") == 0, timeout=30)
+        await wait_until(lambda: all(sandbox.state.tasks[i]["state"] == "succeeded" for i in ids))
+        await wait_until(lambda: get("processor_outbox_size") == 0)
         assert get("processor_outbox_oldest_age_seconds") == 0
 
 
@@ -107,8 +107,8 @@ async def test_intake_paused_says_why_the_poller_is_idle(sandbox, tmp_path) -> N
         get = daemon.metrics.registry.get_sample_value
         for reason in PAUSE_REASONS:
             assert get("processor_intake_paused", {"reason": reason}) is not None, reason
-        await wait_until(lambda: get("processor_intake_paused", {"reason": "rate_limited"}) == 1, timeout=30)
+        await wait_until(lambda: get("processor_intake_paused", {"reason": "rate_limited"}) == 1)
         assert get("processor_intake_paused", {"reason": "api_breaker_open"}) == 0
         assert get("ai_tasks_pending_backlog_age_seconds") is not None
         daemon.stop()
-        await wait_until(lambda: get("processor_intake_paused", {"reason": "shutting_down"}) == 1, timeout=30)
+        await wait_until(lambda: get("processor_intake_paused", {"reason": "shutting_down"}) == 1)

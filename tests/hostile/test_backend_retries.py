@@ -22,7 +22,7 @@ async def test_one_input_that_breaks_ollama_fails_no_other_task(world):
     world.offered.append(Offered(tid, "defect", "a POISON pill", LOCAL_MODEL, (), "input that makes Ollama answer 500"))
     world.offer_valid(6)
     d = await world.start()
-    await world.wait_quiet(60)
+    await world.wait_quiet()
     await assert_holds(world, d)
 
 
@@ -31,7 +31,7 @@ async def test_busy_ollama_every_task_succeeds_without_release_churn(world):
     n = 240
     world.offer_valid(n)
     d = await world.start(MAX_BATCH_SIZE="4")
-    await world.wait_quiet(90)
+    await world.wait_quiet()
     await assert_holds(world, d)
     per_task = len(world.sandbox.patches) / n
     assert per_task <= 2.05, f"{per_task:.3f} PATCHes per task with 20 % 503s (release churn)"

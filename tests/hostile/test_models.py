@@ -19,7 +19,7 @@ async def test_a_model_this_deployment_does_not_serve_stays_pending_counted_and_
     for o in world.offer_valid(2, model="not-served-embedder"):
         o.expect = "stay"
     d = await world.start()
-    await world.wait_quiet(20)
+    await world.wait_quiet()
     await trio.sleep(1.5)  # a few more polls
     await assert_holds(world, d)
     health, metrics = await d.get("/health"), await d.get("/metrics")

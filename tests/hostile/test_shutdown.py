@@ -22,7 +22,7 @@ async def test_a_4xx_on_the_final_report_leaves_nothing_in_progress(world, statu
     world.sandbox.faults["report"] = Fault(status=status, count=4)  # refused, not applied
     world.offer_valid(8)
     d = await world.start()
-    await world.wait_quiet(45)
+    await world.wait_quiet()
     await assert_holds(world, d)
 
 
@@ -31,19 +31,19 @@ async def test_a_forced_shutdown_during_claims_leaves_nothing_in_progress(world)
     world.sandbox.faults["claim"] = slow
     world.offer_valid(8)
     d = await world.start()
-    with trio.fail_after(20):
+    with trio.fail_after(120):
         while slow.fired < 8:  # every claim PATCH is at the API
             await trio.sleep(0.02)
     d.signal(signal.SIGTERM)
     await trio.sleep(0.2)
     d.signal(signal.SIGTERM)  # forced: no grace
-    await d.wait_exit(15)
-    with trio.move_on_after(10):  # the API carries the abandoned claims out
+    await d.wait_exit(60)
+    with trio.move_on_after(60):  # the API carries the abandoned claims out
         while len(world.sandbox.claim_times()) < 8:
             await trio.sleep(0.05)
     world.calm()
     d2 = await world.start()  # its start-up recovery must hand them back
-    await world.wait_quiet(30)
+    await world.wait_quiet()
     await assert_holds(world, d2)
 
 
@@ -52,13 +52,13 @@ async def test_signals_during_shutdown_never_kill_the_process(world, round_):
     world.fake.answers = [Answer("hang", latency=30)]
     world.offer_valid(4)
     d = await world.start(SHUTDOWN_GRACE_SECONDS="2")
-    with trio.fail_after(20):
+    with trio.fail_after(120):
         while not world.fake.received:
             await trio.sleep(0.05)
     d.signal(signal.SIGTERM)
-    with trio.move_on_after(15):
+    with trio.move_on_after(60):
         while d.alive():
             await trio.sleep(0.02 * (round_ + 1))
             d.signal(signal.SIGTERM)
-    code = await d.wait_exit(5)
+    code = await d.wait_exit(60)
     assert code == 0, f"exit {code} after repeated SIGTERMs during shutdown\n{d.tail()}"

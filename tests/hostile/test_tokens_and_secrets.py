@@ -21,7 +21,7 @@ async def test_nan_expires_in_does_not_fetch_a_token_per_request(world):
     world.sandbox.token_answer = TokenAnswer(fields={"expires_in": b"NaN"})
     world.offer_valid(40)
     d = await world.start(MAX_BATCH_SIZE="4")
-    await world.wait_quiet(30)
+    await world.wait_quiet()
     await assert_holds(world, d)
     assert world.sandbox.token_requests <= 3, f"{world.sandbox.token_requests} token requests for one NaN-lived token"
 
@@ -30,16 +30,19 @@ async def test_a_non_ascii_access_token_never_ends_the_daemon(world):
     world.sandbox.token_answer = TokenAnswer(fields={"access_token": b'"tok-\\u00e4\\u00f6\\u00fc-0123456789"'}, count=3)
     world.offer_valid(6)
     d = await world.start()
-    await trio.sleep(3)
+    with trio.fail_after(120):  # the three odd tokens were handed out
+        while world.sandbox.token_answer is not None and (world.sandbox.token_answer.count or 0) > 0 and d.alive():
+            await trio.sleep(0.05)
+    await trio.sleep(1)  # and used
     world.calm()
-    await world.wait_quiet(40)
+    await world.wait_quiet()
     await assert_holds(world, d)
 
 
 async def test_state_files_are_private(world):
     world.offer_valid(5)
     d = await world.start(RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_DAY="1000")
-    await world.wait_quiet(20)
+    await world.wait_quiet()
     state = world.tmp / "state"
     files = sorted(p for p in state.rglob("*") if p.is_file())
     assert any(p.name.startswith("journal.db") for p in files) and any(p.name.startswith("rate_limits") for p in files), files
@@ -58,6 +61,9 @@ async def test_health_ready_and_metrics_never_show_secrets_from_error_texts(worl
     for o in world.offer_valid(4, model=REMOTE_MODEL):
         o.expect = "stay"
     d = await world.start("openai")
-    await trio.sleep(6)
+    with trio.fail_after(120):  # every echoing error was answered
+        while d.alive() and (sum(a.fired for a in world.fake.answers) < 3 or (world.sandbox.token_answer.count or 0) > 0):
+            await trio.sleep(0.05)
+    await trio.sleep(2)  # and shown wherever the daemon shows errors
     leaks = await world.leaks(d)
     assert not leaks, leaks
