@@ -25,7 +25,8 @@ def test_contact_warning_at_start_when_wikidata_is_really_called(tmp_path, captu
     from prometheus_client import CollectorRegistry
 
     from processor.effects.chat.metrics import chat_metrics
-    from processor.effects.wikidata import MockWikidata, Wikidata, build_wikidata
+    from processor.effects.wikidata import MockWikidata, Wikidata
+    from processor.wiring import build_wikidata
 
     def warned(**env):
         captured_logs.clear()

@@ -9,9 +9,7 @@ from prometheus_client import CollectorRegistry
 from processor.config import load_settings
 from processor.effects.asgi import serve_asgi
 from processor.effects.chat.base import ChatError
-from processor.effects.chat.build import build_chat_backends
 from processor.effects.chat.metrics import chat_metrics
-from processor.effects.wikidata import build_wikidata
 from processor.kinds import registry
 from processor.kinds.base import Computed, Content, Defect, KindPorts, Work
 from processor.kinds.triage import TriageKind
@@ -21,6 +19,7 @@ from processor.pure.triage import TRIAGE_TYPES
 from processor.sandbox.chain import refusal
 from processor.sandbox.fake_chat import FakeChat, FakeChatState
 from processor.sandbox.fake_wikidata import FakeWikidata, FakeWikidataState
+from processor.wiring import build_chat_backends, build_wikidata
 
 TEXT = "O senador João Silva disse que a vacina causa autismo, segundo Maria Oliveira."
 CONTENT = {

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from processor.config import load_settings
-from processor.effects.chat.build import build_chat_backends
 from processor.kinds import Computed, Content, Defect, KindPorts, Work, registry
+from processor.wiring import build_chat_backends
 
 PLUGIN_SRC = Path(__file__).parent / "plugin_pkg"
 

@@ -30,7 +30,6 @@ from processor.effects.asgi import serve_asgi
 from processor.effects.auth import TokenProvider
 from processor.effects.backends.base import EmbeddingBackend
 from processor.effects.backends.mock import MockBackend
-from processor.effects.chat.build import build_chat_ports
 from processor.effects.guard import Guard
 from processor.effects.health import HealthApp
 from processor.effects.http import build_client
@@ -47,6 +46,7 @@ from processor.pure.lifecycle import Phase
 from processor.pure.tasks import Backend, Routing
 from processor.runtime import RELEASE_TIMEOUT, Runtime
 from processor.stages import claim, embed, intake, recovery, report
+from processor.wiring import build_chat_ports, token_config
 
 # Signals that arrived while the daemon's own receiver was not installed (see processor.wiring).
 EARLY_SIGNALS: list[int] = []
@@ -315,8 +315,6 @@ class Daemon:
         async with http, token_http:
             api_guard = Guard("task_api", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=60.0), metrics=self.metrics, rng=self._parts.rng)
             token_guard = Guard("token_endpoint", attrs.evolve(breaker_config(s), base_wait=2.0, max_wait=120.0), metrics=self.metrics, rng=self._parts.rng)
-            from processor.wiring import token_config  # the root imports this module
-
             tokens = TokenProvider(token_http, token_config(s), metrics=self.metrics, guard=token_guard)
             api = TaskApi(http, s.api_base_url, tokens, metrics=self.metrics, guard=api_guard, concurrency=s.api_concurrency, lane=lane)
             backends = self._parts.backends or build_backends(s, self.metrics)

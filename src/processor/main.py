@@ -107,8 +107,6 @@ def _check(settings: Settings, warnings: list[str]) -> int:
 async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
     from processor.daemon import build_backends, routing_for
     from processor.effects.metrics import Metrics
-    from processor.kinds.triage import check_chat
-
     metrics = Metrics()
     out = await _check_token_and_api(settings, metrics)
     backends = build_backends(settings, metrics)
@@ -121,7 +119,35 @@ async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
         finally:
             await adapter.aclose()
         out.append((f"{b.value} backend", ok, detail))
-    out += await check_chat(settings, metrics)  # the chat model of each triage type
+    out += await _check_chat(settings, metrics)  # the chat model of each triage type
+    return out
+
+
+async def _check_chat(settings: Settings, metrics: Any) -> list[tuple[str, bool, str]]:
+    """The chat model of every triage type this worker runs, asked once."""
+    from processor.kinds import registry
+    from processor.kinds.base import KindPorts
+    from processor.kinds.triage import TriageKind
+    from processor.pure import triage
+    from processor.pure.faults import DependencyError
+    from processor.wiring import build_chat_backends
+
+    wanted = [t for t in triage.TRIAGE_TYPES if not settings.task_types or t in settings.task_types]
+    if not wanted:
+        return []
+    ports = KindPorts(chat=build_chat_backends(settings, metrics))
+    out: list[tuple[str, bool, str]] = []
+    try:
+        kinds = registry.load(settings, wanted)
+        for name, kind in kinds.items():
+            assert isinstance(kind, TriageKind)
+            try:
+                out.append((f"{name} chat model", True, f"{await kind.check(ports)} (template {kind.template.version})"))
+            except DependencyError as exc:
+                out.append((f"{name} chat model", False, str(exc)))
+    finally:
+        for chat in ports.chat.values():
+            await chat.aclose()
     return out
 
 

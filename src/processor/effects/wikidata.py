@@ -496,37 +496,3 @@ class MockWikidata:
 class Enricher(Protocol):
     async def resolve(self, names: Iterable[str], *, people: bool) -> tuple[dict[str, Entity | None], str | None]: ...
     async def aclose(self) -> None: ...
-
-
-def build_wikidata(settings: Any, metrics: ChatMetrics, *, redis_client: Any = None, guard: Guard | None = None) -> Enricher | None:
-    """The enricher the settings ask for: None when WIKIDATA_ENABLED is false, the mock in
-    mock mode (unless WIKIDATA_API_URL is set to another endpoint), else the real adapter
-    with a SQLite cache in STATE_DIR or, with STATE_BACKEND=redis, a Redis cache and lock on
-    `redis_client` (a coredis client the caller has entered: `async with client:`; without
-    one, the SQLite cache, with a warning)."""
-    if not settings.wikidata_enabled:
-        return None
-    from processor.config import PROJECT_URL, WIKIDATA_API_URL, Mode, StateBackend
-
-    if settings.processing_mode is Mode.MOCK and settings.wikidata_api_url == WIKIDATA_API_URL:
-        return MockWikidata(metrics)
-    if settings.wikidata_contact == PROJECT_URL:
-        get_logger("wikidata").warning(
-            "wikidata_contact_not_set", contact=PROJECT_URL,
-            message="WIKIDATA_CONTACT is not set: Wikimedia's policy asks for a way to reach the operator "
-                    "(an e-mail address or a URL) in the User-Agent")
-    cache: Cache
-    if settings.state_backend is StateBackend.REDIS and redis_client is None:
-        get_logger("wikidata").warning("wikidata_cache_not_shared", why="no Redis client was handed over",
-                                       cache=str(Path(settings.state_dir) / "wikidata.db"))
-    if settings.state_backend is StateBackend.REDIS and redis_client is not None:
-        cache = RedisCache(redis_client, prefix=settings.redis_key_prefix)
-        turn = Turn(redis_client, prefix=settings.redis_key_prefix)
-    else:
-        cache = SqliteCache(Path(settings.state_dir) / "wikidata.db")
-        turn = Turn()
-    return Wikidata(
-        api_url=settings.wikidata_api_url, contact=settings.wikidata_contact, language=settings.wikidata_language,
-        timeout=settings.wikidata_timeout_seconds, cache=cache, cache_ttl=settings.wikidata_cache_ttl_seconds,
-        metrics=metrics, guard=guard, turn=turn,
-    )

@@ -190,27 +190,3 @@ def make_kind(task_type: tr.TriageType, settings: Any) -> TriageKind:
         bad_answer_retries=getattr(settings, "chat_bad_answer_retries", 2),
         max_tokens=getattr(settings, "chat_max_tokens", 8192),
     )
-
-
-async def check_chat(settings: Any, metrics: Any) -> list[tuple[str, bool, str]]:
-    """For `check`: the chat model of every triage type this worker runs, asked once."""
-    from processor.effects.chat.build import build_chat_backends
-    from processor.kinds import registry
-
-    wanted = [t for t in tr.TRIAGE_TYPES if not settings.task_types or t in settings.task_types]
-    if not wanted:
-        return []
-    ports = KindPorts(chat=build_chat_backends(settings, metrics))
-    out: list[tuple[str, bool, str]] = []
-    try:
-        kinds = registry.load(settings, wanted)
-        for name, kind in kinds.items():
-            assert isinstance(kind, TriageKind)
-            try:
-                out.append((f"{name} chat model", True, f"{await kind.check(ports)} (template {kind.template.version})"))
-            except DependencyError as exc:
-                out.append((f"{name} chat model", False, str(exc)))
-    finally:
-        for chat in ports.chat.values():
-            await chat.aclose()
-    return out
