@@ -58,7 +58,6 @@ SETTINGS_ALLOWLIST = {
 KNOWN: set[str] = {
     "book.Book",
     "runtime.Runtime",
-    "pure.jsonstream.ArraySplitter",
     "effects.limiter.budget_maps",
     "effects.limiter.build_limiter",
     "effects.redis_state.build_limiters",

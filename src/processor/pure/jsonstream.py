@@ -85,7 +85,6 @@ class ArraySplitter:
         self._pos = 0  # scanned up to here
         self._phase = 0  # 0: before '[', 1: between elements, 2: in an element, 3: after ']'
         self._expect_value = True  # between elements: a value may come (after '[' or ',')
-        self._first = True  # no element read yet (so ']' may close an empty array)
         self._start = 0  # start of the current element in _buf
         self._depth = 0
         self._in_string = False
@@ -146,7 +145,7 @@ class ArraySplitter:
                 self._phase, self._pos = 1, i + 1
             elif phase == 1:
                 if c == b"]":
-                    if self._expect_value and not self._first:
+                    if self._expect_value and self.elements:  # ']' right after '[' closes an empty array
                         raise self._fail(f"the array has a trailing comma after entry {self.elements}")
                     self._phase, self._pos = 3, i + 1
                 elif c == b",":
@@ -212,7 +211,6 @@ class ArraySplitter:
 
     def _end_element(self, out: list[bytes | InvalidValue], end: int) -> None:
         self.elements += 1
-        self._first = False
         self._expect_value = False
         if self._oversize or end - self._start > self._max:
             out.append(InvalidValue(f"entry {self.elements} is larger than {self._max} bytes"))
