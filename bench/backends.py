@@ -46,7 +46,7 @@ async def one(mode: str, n: int, batch: int, concurrency: int) -> None:
                        "CONCURRENCY_LIMIT": str(concurrency), "OPENAI_API_KEY": "sk-bench-000000000000", "OPENAI_BASE_URL": url,
                        "OLLAMA_BASE_URL": url, "SUPPORTED_MODELS": "nomic-embed-text", "LOG_LEVEL": "WARNING"}
                 settings, _ = load_settings(env, dotenv_path=None)
-                daemon = Daemon(settings, handle_signals=False, serve_health=False)
+                daemon = Daemon(settings, health=None)
                 async with trio.open_nursery() as dn:
                     dn.start_soon(daemon.run)
                     while True:

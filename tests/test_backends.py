@@ -638,7 +638,7 @@ async def test_daemon_keep_alive_minus_one_keeps_the_model_loaded_and_tasks_succ
     sandbox.state.seed(6, model="nomic-embed-text")
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="ollama", OLLAMA_BASE_URL=OLLAMA, SUPPORTED_MODELS="nomic-embed-text",
                              OLLAMA_KEEP_ALIVE="-1")
-    async with running(Daemon(settings, handle_signals=False)):
+    async with running(Daemon(settings)):
         await wait_until(all_done(sandbox.state, 6))
     assert sandbox.state.by_state() == {"succeeded": 6}
     assert {json.loads(c.request.content)["keep_alive"] for c in route.calls} == {-1}
@@ -692,7 +692,7 @@ async def test_daemon_openai_mode_splits_a_batch_to_fail_only_the_bad_input(sand
     route = respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=maybe_bad)
     sandbox.state.seed(30)
     bad = sandbox.state.create({"type": "text_embedding", "content": {"text": "POISON pill", "model": MODEL}})["_id"]
-    daemon = Daemon(openai_settings(sandbox, tmp_path), handle_signals=False)
+    daemon = Daemon(openai_settings(sandbox, tmp_path))
     async with running(daemon):
         await wait_until(all_done(sandbox.state, 31))
     st = sandbox.state
@@ -709,7 +709,7 @@ async def test_daemon_parameter_400_is_one_clear_message_no_split_storm_no_task_
     passthrough_sandbox(sandbox)
     route = respx.post(f"{OPENAI}/v1/embeddings").mock(return_value=openai_error(400, "matryoshka_dim=1024 is not in a valid range"))
     sandbox.state.seed(64, model=MODEL)
-    daemon = Daemon(openai_settings(sandbox, tmp_path), handle_signals=False)
+    daemon = Daemon(openai_settings(sandbox, tmp_path))
     started = trio.current_time()
     async with running(daemon):
         await wait_until(lambda: released_or_failed(sandbox))
@@ -731,7 +731,7 @@ async def test_daemon_server_ignoring_dimensions_fails_no_task(sandbox, tmp_path
     passthrough_sandbox(sandbox)
     route = respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=lambda r: openai_ok(r, dim=384, ignore_dimensions=True))
     sandbox.state.seed(20, model=MODEL)
-    daemon = Daemon(openai_settings(sandbox, tmp_path), handle_signals=False)
+    daemon = Daemon(openai_settings(sandbox, tmp_path))
     async with running(daemon):
         await wait_until(lambda: released_or_failed(sandbox))
         reasons = daemon.not_ready_reasons()
@@ -771,7 +771,7 @@ async def test_daemon_survives_malformed_answers_and_the_tasks_succeed(sandbox, 
         settings = openai_settings(sandbox, tmp_path, RETRY_MAX_DELAY_SECONDS="0.05")
         model = MODEL
     sandbox.state.seed(8, model=model)
-    async with running(Daemon(settings, handle_signals=False)):
+    async with running(Daemon(settings)):
         await wait_until(all_done(sandbox.state, 8))
     assert sandbox.state.by_state() == {"succeeded": 8} and calls["n"] >= 3
 
@@ -791,7 +791,7 @@ async def test_daemon_busy_503_never_fails_a_task(sandbox, tmp_path):
     sandbox.state.seed(6, model="nomic-embed-text")
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="ollama", OLLAMA_BASE_URL=OLLAMA, SUPPORTED_MODELS="nomic-embed-text",
                              OLLAMA_MAX_RETRIES="1", RETRY_MAX_DELAY_SECONDS="0.05", MAX_TASK_ATTEMPTS="1", CIRCUIT_BREAKER_THRESHOLD="50")
-    async with running(Daemon(settings, handle_signals=False)):
+    async with running(Daemon(settings)):
         await wait_until(lambda: failed(sandbox) or (route.call_count >= 4 and sandbox.state.by_state().get("in_progress", 0) == 0))
         assert not failed(sandbox)
         busy["on"] = False
@@ -812,7 +812,7 @@ async def test_daemon_honours_retry_after_without_tripping_the_breaker(sandbox, 
 
     respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=limited_first)
     sandbox.state.seed(10)
-    daemon = Daemon(openai_settings(sandbox, tmp_path, CIRCUIT_BREAKER_THRESHOLD="1"), handle_signals=False)
+    daemon = Daemon(openai_settings(sandbox, tmp_path, CIRCUIT_BREAKER_THRESHOLD="1"))
     t0 = trio.current_time()
     async with running(daemon):
         await wait_until(all_done(sandbox.state, 10))
@@ -834,7 +834,7 @@ async def test_daemon_whole_backend_errors_release_claims_and_never_fail_tasks(s
     passthrough_sandbox(sandbox)
     respx.post(f"{OPENAI}/v1/embeddings").mock(return_value=httpx.Response(status, json={"error": error}))
     sandbox.state.seed(10)
-    daemon = Daemon(openai_settings(sandbox, tmp_path), handle_signals=False)
+    daemon = Daemon(openai_settings(sandbox, tmp_path))
     async with running(daemon):
         await wait_until(lambda: any(p.state == "pending" for p in sandbox.state.patches))
         await wait_until(lambda: sandbox.state.by_state().get("in_progress", 0) == 0)
@@ -852,7 +852,7 @@ async def test_daemon_ollama_mode_model_that_cannot_be_pulled_is_a_start_up_erro
     respx.post(f"{OLLAMA}/api/pull").mock(return_value=httpx.Response(200, content=b'{"error":"pull model manifest: file does not exist"}\n'))
     respx.post(f"{OLLAMA}/api/embed").mock(return_value=httpx.Response(404, json={"error": 'model "nomic-embed-text" not found'}))
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="ollama", OLLAMA_BASE_URL=OLLAMA, SUPPORTED_MODELS="nomic-embed-text")
-    daemon = Daemon(settings, handle_signals=False)
+    daemon = Daemon(settings)
     with pytest.raises(StartupError, match="file does not exist"):
         await daemon.run()
 
@@ -866,7 +866,7 @@ async def test_daemon_hybrid_routes_by_model_and_falls_back_only_when_asked(sand
     remote = sandbox.state.seed(5, model=MODEL, prefix="remote")
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="hybrid", OLLAMA_BASE_URL=OLLAMA, SUPPORTED_MODELS="nomic-embed-text",
                              OPENAI_API_KEY=KEY, OPENAI_BASE_URL=OPENAI)
-    async with running(Daemon(settings, handle_signals=False)):
+    async with running(Daemon(settings)):
         await wait_until(all_done(sandbox.state, 10))
     st = sandbox.state
     assert all(len(st.tasks[i]["result"]) == 768 for i in local)
@@ -889,7 +889,7 @@ async def test_daemon_hybrid_unpullable_model_uses_the_fallback_only_when_config
     # without FALLBACK_MODELS: the start goes on (hybrid) and the model's tasks stay pending
     # (CONTRACT §1: a model this deployment cannot serve is never a reason to fail a task),
     # the model named in /health
-    daemon = Daemon(make_settings(sandbox, tmp_path / "a", **env), handle_signals=False)
+    daemon = Daemon(make_settings(sandbox, tmp_path / "a", **env))
     async with running(daemon):
         await wait_until(lambda: "nomic-embed-text" in daemon.health()["models_unservable"]
                          and sandbox.state.by_state() == {"pending": 6})
@@ -899,8 +899,7 @@ async def test_daemon_hybrid_unpullable_model_uses_the_fallback_only_when_config
     for i in ids:
         sandbox.state.tasks[i]["state"] = "pending"
         sandbox.state.pending[i] = None
-    daemon = Daemon(make_settings(sandbox, tmp_path / "b", **env, FALLBACK_MODELS='{"nomic-embed-text": "text-embedding-3-small"}'),
-                    handle_signals=False)
+    daemon = Daemon(make_settings(sandbox, tmp_path / "b", **env, FALLBACK_MODELS='{"nomic-embed-text": "text-embedding-3-small"}'))
     async with running(daemon):
         await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) == 6)
     assert all(json.loads(c.request.content)["model"] == MODEL for c in oai.calls)
@@ -916,7 +915,7 @@ async def test_daemon_hybrid_ollama_not_up_at_start_tasks_wait_then_succeed(sand
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="hybrid", OLLAMA_BASE_URL=f"http://127.0.0.1:{port}", SUPPORTED_MODELS="nomic-embed-text",
                              OPENAI_API_KEY=KEY, OPENAI_BASE_URL=OPENAI, OLLAMA_MODEL_DOWNLOAD_TIMEOUT="0.5",
                              OLLAMA_MAX_RETRIES="1", RETRY_MAX_DELAY_SECONDS="0.05", MAX_TASK_ATTEMPTS="1")
-    daemon = Daemon(settings, handle_signals=False)
+    daemon = Daemon(settings)
     stop = trio.Event()
     async with running(daemon):
         await wait_until(lambda: released_or_failed(sandbox))
@@ -938,7 +937,7 @@ async def test_daemon_openai_rate_caps_and_over_long_inputs(sandbox, tmp_path):
     route = respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=openai_ok)
     long_cjk = sandbox.state.create({"type": "text_embedding", "content": {"text": "語" * 9000, "model": MODEL}})["_id"]
     sandbox.state.seed(12, model=MODEL)  # the long one is oldest: in the first admitted group
-    daemon = Daemon(openai_settings(sandbox, tmp_path, RATE_LIMIT_ENABLED="true", OPENAI_RATE_LIMIT_PER_MINUTE="6"), handle_signals=False)
+    daemon = Daemon(openai_settings(sandbox, tmp_path, RATE_LIMIT_ENABLED="true", OPENAI_RATE_LIMIT_PER_MINUTE="6"))
     async with running(daemon):
         await wait_until(lambda: sum(sandbox.state.by_state().get(k, 0) for k in ("succeeded", "failed")) >= 6)
         await trio.sleep(1.0)
@@ -955,7 +954,7 @@ async def test_openai_truncate_sends_over_long_inputs_cut(sandbox, tmp_path):
     passthrough_sandbox(sandbox)
     route = respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=openai_ok)
     tid = sandbox.state.create({"type": "text_embedding", "content": {"text": "語" * 9000, "model": MODEL}})["_id"]
-    async with running(Daemon(openai_settings(sandbox, tmp_path, OPENAI_TRUNCATE="true"), handle_signals=False)):
+    async with running(Daemon(openai_settings(sandbox, tmp_path, OPENAI_TRUNCATE="true"))):
         await wait_until(all_done(sandbox.state, 1))
     assert sandbox.state.tasks[tid]["state"] == "succeeded"
     sent = json.loads(route.calls[0].request.content)["input"][0]
@@ -968,7 +967,7 @@ async def test_daemon_unreachable_backend_releases_and_never_fails_tasks(sandbox
     respx.post(f"{OPENAI}/v1/embeddings").mock(side_effect=httpx.ConnectError("connection refused"))
     sandbox.state.seed(8, model=MODEL)
     daemon = Daemon(openai_settings(sandbox, tmp_path, MAX_RETRIES="1", RETRY_MAX_DELAY_SECONDS="0.05", MAX_TASK_ATTEMPTS="1",
-                                    CIRCUIT_BREAKER_THRESHOLD="50"), handle_signals=False)
+                                    CIRCUIT_BREAKER_THRESHOLD="50"))
     async with running(daemon):
         await wait_until(lambda: any(p.state == "pending" for p in sandbox.state.patches))
         await wait_until(lambda: sandbox.state.by_state().get("in_progress", 0) == 0)

@@ -67,7 +67,7 @@ def settings_for(sandbox: Any, tmp_path: Any, case: str, **extra: str) -> Any:
 
 @asynccontextmanager
 async def sqlite_daemon(settings: Any) -> AsyncIterator[Daemon]:
-    daemon = Daemon(settings, handle_signals=False)
+    daemon = Daemon(settings)
     async with trio.open_nursery() as n:
         n.start_soon(daemon.run)
         with trio.fail_after(20):
@@ -88,7 +88,7 @@ async def redis_daemon(settings: Any) -> AsyncIterator[Daemon]:
         limiter, openai_limiter = build_limiters(settings, shared, metrics)
         leases = RedisLeases(shared, ttl=settings.lease_ttl_seconds)
         daemon = Daemon(settings, metrics=metrics, limiter=limiter, openai_limiter=openai_limiter, leases=leases,
-                        redis_client=client, handle_signals=False)
+                        redis_client=client)
         async with trio.open_nursery() as n:
             n.start_soon(leases.renew_forever)
             n.start_soon(daemon.run)

@@ -12,7 +12,7 @@ from tests.conftest import CountingBackend, all_done, is_unit_vector, make_setti
 async def test_drains_every_task_with_valid_vectors(sandbox, tmp_path):
     ids = sandbox.state.seed(300)
     backend = CountingBackend()
-    daemon = Daemon(make_settings(sandbox, tmp_path), backends={Backend.MOCK: backend}, handle_signals=False)
+    daemon = Daemon(make_settings(sandbox, tmp_path), backends={Backend.MOCK: backend})
     async with running(daemon):
         await wait_until(all_done(sandbox.state, 300))
     st = sandbox.state
@@ -31,7 +31,7 @@ async def test_malformed_entries_fail_with_reasons_and_never_stop_the_others(san
     good = sandbox.state.seed(50)
     bad = sandbox.state.seed_malformed()
     daemon = Daemon(make_settings(sandbox, tmp_path, PROCESSING_MODE="ollama", SUPPORTED_MODELS="nomic-embed-text"),
-                    backends={Backend.OLLAMA: CountingBackend(768)}, handle_signals=False)
+                    backends={Backend.OLLAMA: CountingBackend(768)})
     async with running(daemon):
         await wait_until(all_done(sandbox.state, 54))
         await trio.sleep(0.5)  # a few more polls: nothing else may change
@@ -63,7 +63,7 @@ async def test_a_task_in_flight_is_never_taken_twice(sandbox, tmp_path):
     ids = sandbox.state.seed(40)
     backend = CountingBackend(delay=0.3)
     settings = make_settings(sandbox, tmp_path, POLLING_INTERVAL_SECONDS="0.05", MAX_BATCH_SIZE="8", CONCURRENCY_LIMIT="2")
-    daemon = Daemon(settings, backends={Backend.MOCK: backend}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: backend})
     async with running(daemon):
         await wait_until(all_done(sandbox.state, 40))
     st = sandbox.state
@@ -76,7 +76,7 @@ async def test_intake_is_bounded_whatever_the_backlog(sandbox, tmp_path):
     sandbox.state.seed(600)
     backend = CountingBackend(delay=0.05)
     settings = make_settings(sandbox, tmp_path, INTAKE_CAPACITY="32", MAX_BATCH_SIZE="16")
-    daemon = Daemon(settings, backends={Backend.MOCK: backend}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: backend})
     peak = 0
     async with running(daemon):
         with trio.fail_after(300):
@@ -94,7 +94,7 @@ async def test_token_expiry_mid_run_fails_nothing(sandbox, tmp_path):
     sandbox.state.seed(150)
     backend = CountingBackend(delay=0.25)
     settings = make_settings(sandbox, tmp_path, MAX_BATCH_SIZE="8", CONCURRENCY_LIMIT="1")
-    daemon = Daemon(settings, backends={Backend.MOCK: backend}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: backend})
     t0 = trio.current_time()
     async with running(daemon):
         await wait_until(all_done(sandbox.state, 150))
@@ -112,7 +112,7 @@ async def test_revoked_token_one_fetch_however_many_requests_got_401(sandbox, tm
     sandbox.state.seed(400)
     backend = CountingBackend(delay=0.05)
     settings = make_settings(sandbox, tmp_path, MAX_BATCH_SIZE="16", API_CONCURRENCY="8")
-    daemon = Daemon(settings, backends={Backend.MOCK: backend}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: backend})
     async with running(daemon):
         await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) >= 50)
         before = sandbox.state.token_requests

@@ -51,7 +51,7 @@ async def test_id_with_a_trailing_newline_is_rejected_and_never_patched(sandbox,
     for raw in (entry(oid + "\\n", b'"some text"'), entry(oid.upper(), b'"some text"'), entry(" " + oid, b'"x"')):
         sb.state.insert_raw_bytes(raw)
     good = sb.state.seed(20)
-    daemon = Daemon(make_settings(sb, tmp_path), backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(make_settings(sb, tmp_path), backends={Backend.MOCK: CountingBackend()})
     async with running(daemon):
         await wait_until(settled(sb.state, good))
         served = polls(sb.state)
@@ -73,7 +73,7 @@ async def test_huge_numbers_spoil_only_their_own_entry(sandbox, tmp_path):
     st.insert_raw_bytes(entry(big_extra, b'{"text":"text with odd numbers","model":"m","n":1e400,"k":-99999999999999999999999,"deep":[[[{"a":[1.5e308]}]]]}'), big_extra)
     good = st.seed(30)
     backend = CountingBackend()
-    daemon = Daemon(make_settings(sb, tmp_path), backends={Backend.MOCK: backend}, handle_signals=False)
+    daemon = Daemon(make_settings(sb, tmp_path), backends={Backend.MOCK: backend})
     async with running(daemon):
         await wait_until(settled(st, [*good, bad_content, big_v, big_extra]))
     for i in (*good, big_v, big_extra):
@@ -101,7 +101,7 @@ async def test_lone_surrogates_fail_their_task_with_a_reason_and_are_never_rewri
     emoji = st.create({"content": "a valid pair: \U0001f600"})["_id"]
     good = st.seed(20)
     backend = CountingBackend()
-    daemon = Daemon(make_settings(sb, tmp_path), backends={Backend.MOCK: backend}, handle_signals=False)
+    daemon = Daemon(make_settings(sb, tmp_path), backends={Backend.MOCK: backend})
     async with running(daemon):
         await wait_until(settled(st, [*good, emoji, *ids.values()]))
         served = polls(st)
@@ -159,7 +159,7 @@ async def test_readiness_goes_red_while_the_list_is_malformed(sandbox, tmp_path)
     sb = sandbox
     good = sb.state.seed(5)
     sb.state.pending_shape = PendingShape(mode="wrap")
-    daemon = Daemon(make_settings(sb, tmp_path), backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(make_settings(sb, tmp_path), backends={Backend.MOCK: CountingBackend()})
     async with running(daemon):
         await wait_until(lambda: polls(sb.state) >= 3)
         assert any("task API has not answered" in r for r in daemon.not_ready_reasons())
@@ -271,7 +271,7 @@ async def test_deep_nesting_spoils_only_its_own_entry(sandbox, tmp_path):
     with_id = st.new_id()
     st.insert_raw_bytes(entry(with_id, b'"fine text"', b', "x": ' + deep), with_id)
     good = st.seed(10)
-    daemon = Daemon(make_settings(sandbox, tmp_path), backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(make_settings(sandbox, tmp_path), backends={Backend.MOCK: CountingBackend()})
     async with running(daemon):
         await wait_until(settled(st, good))
         served = polls(st)

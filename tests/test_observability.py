@@ -32,7 +32,7 @@ async def test_metrics_health_and_ready(sandbox, tmp_path):
     sandbox.state.seed(60)
     sandbox.state.seed_malformed()
     settings = make_settings(sandbox, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_HOUR="1000", RATE_LIMIT_PER_DAY="5000")
-    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()})
     async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:
         await wait_until(all_done(sandbox.state, 65))
         await wait_until(lambda: daemon.not_ready_reasons() == [] and daemon.rt.outbox_size == 0)
@@ -64,7 +64,7 @@ async def test_metrics_health_and_ready(sandbox, tmp_path):
 async def test_ready_is_503_with_reasons_before_the_api_answers_and_while_stopping(sandbox, tmp_path):
     sandbox.state.faults["*"] = Fault(status=503)
     settings = make_settings(sandbox, tmp_path)
-    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()})
     async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:
         r = await c.get("/ready")
         assert r.status_code == 503 and any("token" in x for x in r.json()["reasons"])
@@ -106,7 +106,7 @@ async def test_no_secret_is_ever_logged_or_exposed(sandbox, tmp_path):
     try:
         settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="openai", OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=OPENAI,
                                  REDIS_URL="redis://user:REDISPASS-do-not-log@127.0.0.1:6379/0")
-        daemon = Daemon(settings, handle_signals=False)
+        daemon = Daemon(settings)
         async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:
             await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) >= 5)
             issued = list(sandbox.state.tokens)  # revoking forgets them: keep them for the scan

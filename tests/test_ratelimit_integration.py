@@ -39,7 +39,7 @@ async def test_per_minute_limit_holds_in_every_sliding_window(sandbox, tmp_path,
     virtual(sandbox)
     sandbox.state.seed(70)
     settings = make_settings(sandbox, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_MINUTE="20", POLLING_INTERVAL_SECONDS="5")
-    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, clock=lambda: EPOCH + trio.current_time(), handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, clock=lambda: EPOCH + trio.current_time())
     async with running(daemon):
         await trio.sleep(75)  # virtual seconds: 15 real seconds
     times = claim_times(sandbox)
@@ -57,11 +57,11 @@ async def test_a_restart_mid_window_does_not_reset_the_count(sandbox, tmp_path, 
     sandbox.state.seed(60)
     settings = make_settings(sandbox, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_MINUTE="20", POLLING_INTERVAL_SECONDS="5")
     clock = lambda: EPOCH + trio.current_time()  # noqa: E731
-    first = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, clock=clock, handle_signals=False)
+    first = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, clock=clock)
     async with running(first):
         await trio.sleep(20)
     assert len(claim_times(sandbox)) == 20
-    second = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, clock=clock, handle_signals=False)
+    second = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, clock=clock)
     async with running(second):
         await trio.sleep(30)  # still inside the first minute: nothing may be claimed
         assert len(claim_times(sandbox)) == 20

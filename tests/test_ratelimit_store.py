@@ -128,7 +128,7 @@ async def test_daemon_stops_claiming_and_is_not_ready_when_the_store_cannot_be_w
 
     sandbox.state.seed(5)
     settings = make_settings(sandbox, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_DAY="1000")
-    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()})
     async with running(daemon):
         await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) == 5)
         con = sqlite3.connect(settings.rate_limit_storage_path)
@@ -235,7 +235,7 @@ async def test_a_failing_openai_limiter_store_never_ends_the_daemon(sandbox, tmp
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="openai", OPENAI_API_KEY="sk-test-0000000000000000",
                              RATE_LIMIT_ENABLED="true", OPENAI_RATE_LIMIT_PER_DAY="1000")
     openai_db = settings.rate_limit_storage_path.replace(".db", "") + "_openai.db"
-    daemon = Daemon(settings, backends={Backend.OPENAI: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.OPENAI: CountingBackend()})
     ended: list[object] = []
 
     async def run() -> None:

@@ -29,7 +29,7 @@ async def test_flaky_patches_every_task_succeeds_once(sandbox, tmp_path):
     sandbox.state.faults["patch"] = Fault(status=503, probability=0.3, apply=True)
     settings = make_settings(sandbox, tmp_path, MAX_BATCH_SIZE="16", RECLAIM_INTERVAL_SECONDS="1", RECLAIM_AFTER_SECONDS="1",
                              RETRY_MAX_DELAY_SECONDS="0.5", CIRCUIT_BREAKER_THRESHOLD="50")
-    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()})
     async with running(daemon):
         await trio.sleep(2)
         del sandbox.state.faults["patch"]  # "for a while"
@@ -47,7 +47,7 @@ async def test_api_outage_backs_off_then_recovers(sandbox, tmp_path, mock_clock)
     sandbox.state.clock = lambda: EPOCH + trio.current_time()
     sandbox.state.seed(50)
     settings = make_settings(sandbox, tmp_path, POLLING_INTERVAL_SECONDS="2", RETRY_MAX_DELAY_SECONDS="5")
-    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False, clock=lambda: EPOCH + trio.current_time())
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, clock=lambda: EPOCH + trio.current_time())
     async with running(daemon):
         await wait_until(all_done(sandbox.state, 50))
         outage_start = sandbox.state.clock()
@@ -76,7 +76,7 @@ async def test_invalid_client_is_named_not_ready_backs_off_and_recovers(sandbox,
     settings = make_settings(sandbox, tmp_path, RETRY_MAX_DELAY_SECONDS="5", POLLING_INTERVAL_SECONDS="2")
     good_secret = sandbox.state.client_secret
     sandbox.state.client_secret = "rotated-elsewhere"  # the daemon's secret no longer works
-    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()})
     with structlog.testing.capture_logs() as logs:
         async with running(daemon):
             await trio.sleep(30)  # virtual
@@ -198,7 +198,7 @@ async def test_claims_refused_by_the_api_back_off_instead_of_looping(sandbox, tm
     sandbox.state.seed(5)
     sandbox.state.faults["patch"] = Fault(status=403, only_state="in_progress")
     settings = make_settings(sandbox, tmp_path, RETRY_MAX_DELAY_SECONDS="2")
-    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()})
     t0 = trio.current_time()
 
     def refused() -> int:

@@ -33,7 +33,7 @@ async def test_state_files_are_private_after_a_real_run(sandbox, tmp_path):
     sb.state.seed(20)
     settings = make_settings(sb, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_MINUTE="1000",
                              OPENAI_RATE_LIMIT_PER_MINUTE="1000")
-    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()})
     async with running(daemon):
         await wait_until(all_done(sb.state, 20))
         during = modes(tmp_path / "state")
@@ -54,7 +54,7 @@ async def test_state_files_left_world_readable_are_fixed_at_open(sandbox, tmp_pa
         (state / name).write_bytes(b"")
         os.chmod(state / name, 0o644)
     sb.state.seed(3)
-    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()})
     async with running(daemon):
         await wait_until(all_done(sb.state, 3))
     for name, mode in modes(state).items():
@@ -67,8 +67,7 @@ async def test_health_never_shows_an_echoed_secret_and_bounds_error_texts(sandbo
     secret = sb.state.client_secret = "s3cr3t-value-that-must-not-leak"
     echo = orjson.dumps({"error": f"invalid_client: we got {secret} " + "x" * 5000, "error_description": secret})
     sb.state.token_answer = TokenAnswer(raw=echo, status=400)
-    daemon = Daemon(make_settings(sb, tmp_path, OAUTH2_CLIENT_SECRET=secret), backends={Backend.MOCK: CountingBackend()},
-                    handle_signals=False)
+    daemon = Daemon(make_settings(sb, tmp_path, OAUTH2_CLIENT_SECRET=secret), backends={Backend.MOCK: CountingBackend()})
     async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:
         await wait_until(lambda: sb.state.token_requests >= 1 and daemon.rt is not None and daemon.rt.tokens.last_error)
         health = await c.get("/health")

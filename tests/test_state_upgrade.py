@@ -49,7 +49,7 @@ async def test_a_daemon_starts_on_a6a26dd_state_delivers_releases_and_quarantine
         st.insert_raw({"_id": tid, "type": "text_embedding", "state": "in_progress", "content": {"text": "x", "model": "m"}})
         st.pending.pop(tid, None)
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="ollama", SUPPORTED_MODELS="nomic-embed-text")
-    daemon = Daemon(settings, backends={Backend.OLLAMA: CountingBackend(2)}, handle_signals=False)
+    daemon = Daemon(settings, backends={Backend.OLLAMA: CountingBackend(2)})
     async with running(daemon):
         await wait_until(lambda: st.tasks[GOOD_RESULT]["state"] == "succeeded" and st.tasks[ORPHAN]["state"] == "pending")
         assert daemon.rt is not None

@@ -57,7 +57,7 @@ def failed(world: World) -> list[tuple[str, str]]:
 
 async def run_chain(world: World, settings, n: int, timeout: float = 120) -> Daemon:
     world.chain.seed(n)
-    daemon = Daemon(settings, handle_signals=False)
+    daemon = Daemon(settings)
     async with running(daemon):
         await wait_until(chain_done(world, n), timeout=timeout)
     return daemon
@@ -99,7 +99,7 @@ async def test_bad_answers_past_the_bound_are_released_then_failed_with_the_reas
     world.chat.bad_rate, world.chat.bad_kinds = 1.0, ("out_of_enum",)
     settings = settings_for(world, tmp_path, "openai", MAX_TASK_ATTEMPTS=2, CHAT_BAD_ANSWER_RETRIES=1)
     world.chain.seed(1)
-    async with running(Daemon(settings, handle_signals=False)):
+    async with running(Daemon(settings)):
         await wait_until(lambda: bool(failed(world)))
     ((task_type, reason),) = failed(world)
     assert task_type == "identifying_data" and reason
@@ -110,7 +110,7 @@ async def test_bare_string_content_is_failed_with_a_reason(world, tmp_path):
     task = world.sandbox.create({"type": "defining_topics", "content": "just a string",
                                  "callbackRoute": "verification_update_defining_topics",
                                  "callbackParams": {"targetId": "f" * 24, "field": "topics"}})
-    async with running(Daemon(settings_for(world, tmp_path, "mock"), handle_signals=False)):
+    async with running(Daemon(settings_for(world, tmp_path, "mock"))):
         await wait_until(lambda: world.sandbox.tasks[task["_id"]]["state"] == "failed")
     assert "bare string" in world.sandbox.reasons[task["_id"]]
 
@@ -119,7 +119,7 @@ async def test_a_model_nobody_serves_stays_pending_and_is_named_in_health(world,
     world.chat.pullable = set()
     settings = settings_for(world, tmp_path, "ollama", MODEL_MAP="")  # o3 is not an Ollama model
     world.chain.seed(1)
-    daemon = Daemon(settings, handle_signals=False)
+    daemon = Daemon(settings)
     async with running(daemon):
         await wait_until(lambda: world.chain.accepted["text_embedding"] == 1)
         await wait_until(lambda: "o3" in str(daemon.health()))
@@ -143,12 +143,12 @@ async def test_wikidata_trouble_sends_results_without_ids(world, tmp_path, mode)
 
 async def test_worker_runs_only_the_types_it_is_told(world, tmp_path):
     world.chain.seed(2)
-    async with running(Daemon(settings_for(world, tmp_path, "mock", TASK_TYPES="text_embedding"), handle_signals=False)):
+    async with running(Daemon(settings_for(world, tmp_path, "mock", TASK_TYPES="text_embedding"))):
         await wait_until(lambda: world.chain.accepted["text_embedding"] == 2)
         await trio.sleep(1)
     assert world.chain.accepted["identifying_data"] == 0
     assert {t["state"] for t in world.sandbox.tasks.values() if t["type"] == "identifying_data"} == {"pending"}
-    async with running(Daemon(settings_for(world, tmp_path, "mock", TASK_TYPES=",".join(TRIAGE)), handle_signals=False)):
+    async with running(Daemon(settings_for(world, tmp_path, "mock", TASK_TYPES=",".join(TRIAGE)))):
         await wait_until(chain_done(world, 2))
     assert failed(world) == []
 
@@ -183,7 +183,7 @@ def _env_of(world: World, tmp_path) -> dict[str, str]:
 async def test_every_task_counts_against_the_rate_limit_whatever_its_type(world, tmp_path):
     world.chain.seed(1)
     settings = settings_for(world, tmp_path, "mock", RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_HOUR="3")
-    async with running(Daemon(settings, handle_signals=False)):
+    async with running(Daemon(settings)):
         await wait_until(lambda: world.sandbox.by_state().get("succeeded", 0) == 3)
         await trio.sleep(1.5)  # several polls: nothing more is claimed this hour
         states = world.sandbox.by_state()
@@ -195,7 +195,7 @@ async def test_every_task_counts_against_the_rate_limit_whatever_its_type(world,
 async def test_a_chat_call_at_shutdown_gets_the_grace_then_is_released(world, tmp_path, grace, expected):
     world.chat.latency = 2.0
     world.chain.seed(1)
-    daemon = Daemon(settings_for(world, tmp_path, "openai", SHUTDOWN_GRACE_SECONDS=grace), handle_signals=False)
+    daemon = Daemon(settings_for(world, tmp_path, "openai", SHUTDOWN_GRACE_SECONDS=grace))
     async with trio.open_nursery() as n:
         n.start_soon(daemon.run)
         await wait_until(lambda: world.chat.in_flight == 1)

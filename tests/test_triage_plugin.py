@@ -61,7 +61,7 @@ async def test_the_daemon_runs_a_plugin_type_against_the_sandbox(installed_plugi
     task = sandbox.state.create({"type": "defining_language", "content": {"text": "Bom dia, Brasil", "model": "o3"},
                                  "callbackRoute": "verification_update_language", "callbackParams": {"targetId": "c" * 24, "field": "language"}})
     bad = sandbox.state.create({"type": "defining_language", "content": "a bare string"})
-    async with running(Daemon(make_settings(sandbox, tmp_path), handle_signals=False)):
+    async with running(Daemon(make_settings(sandbox, tmp_path))):
         await wait_until(lambda: all(sandbox.state.tasks[t["_id"]]["state"] in ("succeeded", "failed") for t in (task, bad)))
     done = sandbox.state.tasks[task["_id"]]
     assert done["state"] == "succeeded" and done["result"]["language"] in ("pt", "en", "es", "other")

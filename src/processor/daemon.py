@@ -13,8 +13,8 @@ unfinished then is cancelled and its claims released inside a shielded scope bou
 
 from __future__ import annotations
 
+import enum
 import random
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +37,7 @@ from processor.effects.leases import Leases, NoLeases
 from processor.effects.limiter import Limiter, build_limiter, tier_views
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
+from processor.effects.signals import SignalSource
 from processor.effects.store import JournalStore
 from processor.kinds import registry
 from processor.kinds.base import Work
@@ -47,9 +48,6 @@ from processor.pure.tasks import Backend, Routing
 from processor.runtime import RELEASE_TIMEOUT, Runtime
 from processor.stages import claim, embed, intake, recovery, report
 from processor.wiring import build_chat_ports, token_config
-
-# Signals that arrived while the daemon's own receiver was not installed (see processor.wiring).
-EARLY_SIGNALS: list[int] = []
 
 
 class StartupError(Exception):
@@ -123,6 +121,23 @@ def build_backends(settings: Settings, metrics: Metrics) -> dict[Backend, Embedd
 
 
 @attrs.frozen
+class HealthAt:
+    """Where `/health`, `/ready` and `/metrics` are served (port 0: any free port)."""
+
+    host: str
+    port: int
+
+
+class Settled(enum.Enum):
+    """`Daemon(health=FROM_SETTINGS)`: at METRICS_HOST:METRICS_PORT."""
+
+    FROM_SETTINGS = "from_settings"
+
+
+FROM_SETTINGS = Settled.FROM_SETTINGS
+
+
+@attrs.frozen
 class Parts:
     """What a caller (tests, the Redis root) hands the daemon instead of the default build."""
 
@@ -165,8 +180,8 @@ class Daemon:
         openai_limiter: Limiter | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
-        handle_signals: bool = True,
-        serve_health: bool = True,
+        signals: SignalSource | None = None,
+        health: HealthAt | Settled | None = FROM_SETTINGS,
         redis_client: Any = None,  # STATE_BACKEND=redis: shares the Wikidata cache and turn
     ) -> None:
         self.s = settings
@@ -175,8 +190,8 @@ class Daemon:
         self.log = get_logger("daemon")
         self._parts = Parts(backends=backends, leases=leases, limiter=limiter, openai_limiter=openai_limiter,
                             redis_client=redis_client, clock=clock, rng=rng or random.Random())
-        self._handle_signals = handle_signals
-        self._serve_health = serve_health
+        self._signals = signals  # None: no OS signals (the owner calls `stop`)
+        self._health_at = HealthAt(settings.metrics_host, settings.metrics_port) if health is FROM_SETTINGS else health
         self.rt: Runtime | None = None
         self.health_url: str | None = None
         self.control = ShutdownControl(grace=settings.shutdown_grace_seconds)
@@ -260,27 +275,13 @@ class Daemon:
 
     # -- run -------------------------------------------------------------------------------
     async def run(self) -> int:
-        s = self.s
         startup_error: StartupError | None = None
         async with trio.open_nursery() as services:
             try:
-                if self._serve_health:
-                    app = HealthApp(self.metrics.registry, self.health, self.not_ready_reasons)
-                    try:
-                        self.health_url = await services.start(
-                            lambda task_status: serve_asgi(app, s.metrics_host, s.metrics_port, shutdown=self._health_stop, task_status=task_status)
-                        )
-                    except (OSError, BaseExceptionGroup) as exc:
-                        err = _os_error(exc)
-                        if err is None:
-                            raise
-                        raise StartupError(
-                            f"cannot serve /health and /metrics on {s.metrics_host}:{s.metrics_port}: {err.strerror or err}"
-                            " — set METRICS_PORT (or METRICS_HOST)"
-                        ) from None
-                    self.log.info("health_server_started", url=self.health_url)
-                if self._handle_signals:
-                    await services.start(self._watch_signals)
+                if isinstance(self._health_at, HealthAt):
+                    await self._serve_health(services, self._health_at)
+                if self._signals is not None:
+                    await services.start(self._signals.watch, self._on_signal)
                 await self._run_pipeline()
             except StartupError as exc:
                 startup_error = exc  # raised below, outside the nursery: no exception group
@@ -291,19 +292,28 @@ class Daemon:
             raise startup_error
         return 0
 
-    async def _watch_signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            task_status.started()
-            count = 0
-            if EARLY_SIGNALS:  # a signal came before the receiver was in place: shut down now
-                count = len(EARLY_SIGNALS)
-                EARLY_SIGNALS.clear()
-                self.log.info("signal_received", signal="early", action="shutdown")
-                self.stop(immediate=count > 1)
-            async for signum in signals:
-                count += 1
-                self.log.info("signal_received", signal=signal.Signals(signum).name, action="shutdown" if count == 1 else "immediate shutdown")
-                self.stop(immediate=count > 1)
+    async def _serve_health(self, services: trio.Nursery, at: HealthAt) -> None:
+        app = HealthApp(self.metrics.registry, self.health, self.not_ready_reasons)
+        try:
+            self.health_url = await services.start(
+                lambda task_status: serve_asgi(app, at.host, at.port, shutdown=self._health_stop, task_status=task_status)
+            )
+        except (OSError, BaseExceptionGroup) as exc:
+            err = _os_error(exc)
+            if err is None:
+                raise
+            raise StartupError(
+                f"cannot serve /health and /metrics on {at.host}:{at.port}: {err.strerror or err}"
+                " — set METRICS_PORT (or METRICS_HOST)"
+            ) from None
+        self.log.info("health_server_started", url=self.health_url)
+
+    def _on_signal(self, name: str, count: int) -> None:
+        """SIGTERM/SIGINT (or `early`: before the receiver was in place): shut down; a
+        second signal cuts the grace to zero."""
+        action = "shutdown" if name == "early" or count == 1 else "immediate shutdown"
+        self.log.info("signal_received", signal=name, action=action)
+        self.stop(immediate=count > 1)
 
     async def _run_pipeline(self) -> None:
         s = self.s

@@ -296,7 +296,7 @@ async def _demo_async(n_tasks: int, malformed: bool) -> int:
             print(f"sandbox at {url} with {n_tasks} pending tasks" + (f" and {len(bad) + 1} malformed entries" if bad else ""))
             print(f"running the daemon: mode={settings.processing_mode.value}, batch={settings.max_batch_size}, concurrency={settings.concurrency_limit}")
             target = n_tasks + len(bad) - 1 if bad else n_tasks  # the unknown-type task stays pending
-            elapsed = await _drive(Daemon(settings, handle_signals=False), state, target)
+            elapsed = await _drive(Daemon(settings), state, target)
             stop.set()
     print()
     return _demo_summary(state, n_tasks, elapsed, claims, malformed=bool(bad))

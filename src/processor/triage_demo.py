@@ -64,7 +64,7 @@ async def demo_chain(claims: int, *, timeout: float = 120.0) -> int:
                 return 2
             print(f"\ntriage chain: {claims} claims, each text_embedding -> identifying_data -> "
                   "(defining_topics, defining_impact_area) -> defining_severity (mock models, mock Wikidata)")
-            daemon = Daemon(settings, handle_signals=False)
+            daemon = Daemon(settings)
             t0 = time.perf_counter()
             async with trio.open_nursery() as dn:
                 dn.start_soon(daemon.run)

@@ -4,10 +4,11 @@ SQLite (one worker) and Redis (replicas sharing quotas and leases) differ only i
 limiters and leases the daemon gets and which background tasks keep them alive; everything
 else is the same `Daemon`. Adapters never import this module.
 
-Signals: the daemon installs its own receiver while it runs. Before and after that window
-(start-up, the last shielded clean-up), SIGTERM/SIGINT land in `remember_signal`, so a
-second signal during shutdown can never kill the process by the default action; one that
-arrives before the receiver is in place starts the shutdown as soon as it is.
+Signals: the daemon `run` starts gets `OS_SIGNALS` and holds a receiver while it runs.
+Before and after that window (start-up, the last shielded clean-up), SIGTERM/SIGINT land in
+`OS_SIGNALS.remember`, so a second signal during shutdown can never kill the process by the
+default action; one that arrives before the receiver is in place starts the shutdown as
+soon as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import trio
 
 from processor.config import Mode, Settings, StateBackend
 from processor.effects.auth import TokenConfig
+from processor.effects.signals import SHUTDOWN_SIGNALS, OsSignals
 from processor.pure.faults import Dependency
 from processor.pure.tasks import Backend
 
@@ -119,15 +121,12 @@ def build_chat_ports(s: Settings, metrics: Any, kinds: Mapping[str, Any], *, red
 # -- signals and the run -----------------------------------------------------------------------
 
 
-def remember_signal(signum: int, frame: Any) -> None:
-    from processor.daemon import EARLY_SIGNALS  # imported at start-up already: no import in a handler
-
-    EARLY_SIGNALS.append(signum)
+OS_SIGNALS = OsSignals()  # the process's SIGTERM/SIGINT, handed to the daemon `run` starts
 
 
-def install_fallback_handlers() -> Callable[[], None]:
-    """Route SIGTERM/SIGINT to `remember_signal` outside the daemon's own receiver."""
-    old = {s: signal.signal(s, remember_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+def install_fallback_handlers(signals: OsSignals = OS_SIGNALS) -> Callable[[], None]:
+    """Route SIGTERM/SIGINT to `signals.remember` outside the daemon's own receiver."""
+    old = {s: signal.signal(s, signals.remember) for s in SHUTDOWN_SIGNALS}
 
     def restore() -> None:
         for s, h in old.items():
@@ -137,7 +136,7 @@ def install_fallback_handlers() -> Callable[[], None]:
 
 
 def ignore_signals() -> None:
-    for s in (signal.SIGTERM, signal.SIGINT):
+    for s in SHUTDOWN_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 
@@ -146,7 +145,7 @@ async def run(settings: Settings) -> int:
 
     if settings.state_backend is StateBackend.REDIS:
         return await _run_with_redis(settings)
-    return await Daemon(settings).run()
+    return await Daemon(settings, signals=OS_SIGNALS).run()
 
 
 async def _run_with_redis(settings: Settings) -> int:
@@ -161,7 +160,7 @@ async def _run_with_redis(settings: Settings) -> int:
         limiter, openai_limiter = build_limiters(settings, shared, metrics)
         leases = RedisLeases(shared, ttl=settings.lease_ttl_seconds)
         daemon = Daemon(settings, metrics=metrics, limiter=limiter, openai_limiter=openai_limiter, leases=leases,
-                        redis_client=client)  # the Wikidata cache and turn are shared too
+                        redis_client=client, signals=OS_SIGNALS)  # the Wikidata cache and turn are shared too
         async with trio.open_nursery() as n:
             n.start_soon(leases.renew_forever)
             n.start_soon(shared.watch)

@@ -75,7 +75,7 @@ def test_settings_local_mode_defaults_to_256_dimensions(tmp_path) -> None:
 async def test_daemon_in_local_mode_reports_real_vectors(sandbox, tmp_path) -> None:
     ids = sandbox.state.seed(30, text_size=120, model="whatever-the-task-says")
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="local")
-    async with running(Daemon(settings, handle_signals=False, serve_health=False)):
+    async with running(Daemon(settings, health=None)):
         await wait_until(lambda: all(sandbox.state.tasks[i]["state"] == "succeeded" for i in ids))
     for i in ids:
         v = sandbox.state.tasks[i]["result"]
@@ -86,7 +86,7 @@ async def test_daemon_refuses_to_start_with_dimensions_the_model_cannot_give(san
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="local", EMBEDDING_DIMENSIONS="1024")
     with pytest.raises(StartupError, match="local backend: .*not 1024"):
         with trio.fail_after(120):
-            await Daemon(settings, handle_signals=False, serve_health=False).run()
+            await Daemon(settings, health=None).run()
 
 
 def test_nearest_neighbours_orders_by_cosine() -> None:

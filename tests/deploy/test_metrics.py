@@ -45,7 +45,7 @@ async def test_daemon_bounds_model_labels_from_task_content(sandbox, tmp_path, n
     sandbox.state.seed(3, model="text-embedding-3-small")
     settings = make_settings(sandbox, tmp_path, PROCESSING_MODE="openai", OPENAI_API_KEY="sk-test-0000000000000000",
                              OPENAI_BASE_URL=f"{fake}/v1", DEFAULT_MODEL="text-embedding-3-small")
-    daemon = Daemon(settings, handle_signals=False, serve_health=False)
+    daemon = Daemon(settings, health=None)
     async with running(daemon):
         await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) == 33)
     stop.set()
@@ -57,7 +57,7 @@ async def test_daemon_bounds_model_labels_from_task_content(sandbox, tmp_path, n
 
 async def test_labelled_counters_exist_at_zero_before_anything_happens(sandbox, tmp_path) -> None:
     settings = make_settings(sandbox, tmp_path)
-    daemon = Daemon(settings, handle_signals=False, serve_health=False)
+    daemon = Daemon(settings, health=None)
     async with running(daemon):
         m = daemon.metrics
         get = m.registry.get_sample_value
@@ -84,7 +84,7 @@ async def test_outbox_age_grows_at_scrape_time_while_reports_fail(sandbox, tmp_p
     sandbox.state.faults["patch"] = Fault(status=503, only_state="succeeded")
     ids = sandbox.state.seed(3)
     settings = make_settings(sandbox, tmp_path, RETRY_MAX_DELAY_SECONDS="0.5")
-    daemon = Daemon(settings, handle_signals=False, serve_health=False, clock=lambda: now[0])
+    daemon = Daemon(settings, health=None, clock=lambda: now[0])
     async with running(daemon):
         get = daemon.metrics.registry.get_sample_value
         await wait_until(lambda: get("processor_outbox_size") == 3)
@@ -102,7 +102,7 @@ async def test_outbox_age_grows_at_scrape_time_while_reports_fail(sandbox, tmp_p
 async def test_intake_paused_says_why_the_poller_is_idle(sandbox, tmp_path) -> None:
     sandbox.state.seed(12)
     settings = make_settings(sandbox, tmp_path, RATE_LIMIT_ENABLED="true", RATE_LIMIT_PER_HOUR="5")
-    daemon = Daemon(settings, handle_signals=False, serve_health=False)
+    daemon = Daemon(settings, health=None)
     async with running(daemon):
         get = daemon.metrics.registry.get_sample_value
         for reason in PAUSE_REASONS:
