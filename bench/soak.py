@@ -1,6 +1,6 @@
 """Soak: the daemon against the sandbox with random faults at every dependency (issue 11).
 
-    python bench/soak.py [--minutes 10] [--replicas 2] [--rate 6] [--limit 400] [--seed 1]
+    python bench/soak.py [--minutes 10] [--replicas 2] [--rate 6] [--limit 400] [--seed 1] [--warmup S]
 
 For `--minutes`, tasks arrive at about `--rate` per second (in bursts) while a fault
 schedule switches, every 5-20 s, between calm and a random mix of: task API 5xx, broken
@@ -13,8 +13,17 @@ the feed stops, and the backlog drains. Everything runs on loopback.
 Prints: tasks/s, lost (valid tasks failed or never done), stuck (in_progress after the
 drain), crashes (a daemon that exited on its own; it is restarted), duplicates (succeeded
 twice; conflicting = with different results), limit overshoot (units in any 60 s window
-over RATE_LIMIT_PER_MINUTE), RSS and open FDs of each daemon after warm-up and at the end,
-and the redactor's size when the daemon exposes it in /metrics.
+over RATE_LIMIT_PER_MINUTE), RSS and open FDs of each daemon, and the redactor's size when
+the daemon exposes it in /metrics (`processor_redactor_secrets`).
+
+RSS and FDs are sampled every 30 s. Growth is measured from the end of `--warmup` (default: a
+tenth of the run, at most 300 s) to the end, each as the median of 5 samples (2.5 min), and
+printed with the single figures at 20 s, after warm-up and at the end: in its first minutes a
+daemon's RSS rises to the high-water mark of its allocators (glibc's heap and CPython's arenas
+keep memory freed after the biggest burst so far: a fault phase that piles up claims and
+results) and its connection pools fill (keep-alive connections to the task API, the backend,
+Redis). That is bounded; what must not happen is growth with the number of tasks, which shows
+as growth after warm-up.
 
 HOSTILE_DAEMON_SRC=<tree>/src runs another tree's daemon against the same world.
 """
@@ -28,6 +37,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -41,7 +51,8 @@ from processor.sandbox.app import Fault, TokenAnswer
 from processor.sandbox.fake_backends import Answer, FakeBackendState, expected_vector
 from processor.sandbox.harness import DAEMON_SRC, LOCAL_MODEL, OLLAMA_DIM, Daemon, free_port, hostile_world
 
-WARMUP = 20.0
+EARLY = 20.0  # the first figures (the only ones before the warm-up was configurable)
+SAMPLE_EVERY = 30.0
 DRAIN_TIMEOUT = 300.0
 
 
@@ -151,7 +162,9 @@ async def soak(args: argparse.Namespace) -> None:
             daemons.append(await w.start("ollama", STATE_DIR=str(workdir / f"state{i}"), **env))
         t_start, wall_start = time.monotonic(), time.time()
         end_feed = t_start + args.minutes * 60
-        start_figures: dict[int, tuple[float, int]] = {}
+        warmup = args.warmup if args.warmup is not None else min(300.0, args.minutes * 6)
+        samples: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(daemons))}  # (s, RSS MB, FDs)
+        next_sample = t_start + EARLY
         start_redactor: list[str | None] = []
         fired: Counter[str] = Counter()
         feed = 0
@@ -165,6 +178,7 @@ async def soak(args: argparse.Namespace) -> None:
                         crashes.append(f"replica {i} exit {d.proc.poll()} at {time.monotonic() - t_start:.0f} s: {d.tail(800)!r}")
                         d.ended_by_test = True
                         daemons[i] = await w.start("ollama", STATE_DIR=str(workdir / f"state{i}"), **env)
+                        samples[i] = []  # a replaced replica starts its figures again
 
         async with trio.open_nursery() as n:
             n.start_soon(keep_alive)
@@ -197,15 +211,19 @@ async def soak(args: argparse.Namespace) -> None:
                             redis.start()
                             redis.restarts += 1
                     next_phase = now + rng.uniform(5, 20)
-                if not start_figures and now - t_start >= WARMUP:
-                    start_figures = {i: (rss_mb(d.proc.pid), open_fds(d.proc.pid)) for i, d in enumerate(daemons)}
-                    start_redactor = [await _redactor_size(d) for d in daemons]
+                if now >= next_sample:
+                    for i, d in enumerate(daemons):
+                        samples[i].append((now - t_start, rss_mb(d.proc.pid), open_fds(d.proc.pid)))
+                    next_sample += SAMPLE_EVERY
+                    if not start_redactor and now - t_start >= warmup:
+                        start_redactor = [await _redactor_size(d) for d in daemons]
                 await trio.sleep(1)
             fired.update(st.stats()["faults_fired"])
             w.calm()
             feed_seconds = time.monotonic() - t_start
             drained = await w.wait_quiet(DRAIN_TIMEOUT, quiet_for=3)
-            end_figures = {i: (rss_mb(d.proc.pid), open_fds(d.proc.pid)) for i, d in enumerate(daemons)}
+            for i, d in enumerate(daemons):
+                samples[i].append((time.monotonic() - t_start, rss_mb(d.proc.pid), open_fds(d.proc.pid)))
             end_redactor = [await _redactor_size(d) for d in daemons]
             leaks = []
             for d in daemons:
@@ -246,11 +264,8 @@ async def soak(args: argparse.Namespace) -> None:
     print(f"crashes: {len(crashes)}" + "".join(f"\n  {c}" for c in crashes[:5]))
     print(f"duplicates: {dup} tasks reported succeeded more than once; conflicting results: {conflicting}")
     print(f"limit overshoot: {max(0, overshoot)} (worst 60 s window {overshoot + args.limit} units at a limit of {args.limit})")
-    for i in end_figures:
-        s_rss, s_fd = start_figures.get(i, (math.nan, -1))
-        e_rss, e_fd = end_figures[i]
-        print(f"replica {i}: RSS {s_rss:.1f} -> {e_rss:.1f} MB ({_pct(s_rss, e_rss)}), open FDs {s_fd} -> {e_fd} ({_pct(s_fd, e_fd)})"
-              " (start = after warm-up; replaced replicas restart the count)")
+    for i, rows in samples.items():
+        print(f"replica {i}: " + _growth(rows, warmup))
     if any(r is not None for r in end_redactor):
         print("redactor size (processor_redactor_secrets, secret values held): " + ", ".join(
             f"replica {i} {start_redactor[i] if i < len(start_redactor) else '?'} -> {r}" for i, r in enumerate(end_redactor))
@@ -260,6 +275,25 @@ async def soak(args: argparse.Namespace) -> None:
     print(f"faults fired: {dict(fired)}; token requests {st.token_requests}; tokens issued {len(st.issued)}; "
           f"backend statuses {dict(fake.statuses)}; redis restarts {redis.restarts if redis else 0}")
     print(f"secrets seen: {leaks or 'none'}")
+
+
+def _growth(rows: list[tuple[float, float, int]], warmup: float) -> str:
+    """RSS and FDs: each the median of 5 samples (2.5 min) from the end of warm-up, and of the
+    last 5 samples, so that one burst or one keep-alive connection more or less at the instant
+    of a sample does not decide; with the single figures at 20 s, at warm-up, at the end, and
+    the peak."""
+    if not rows:
+        return "no figures"
+    after = [r for r in rows if r[0] >= warmup] or rows[-1:]
+    base, last = after[:5], rows[-5:]
+    b_rss, e_rss = statistics.median(r[1] for r in base), statistics.median(r[1] for r in last)
+    b_fd, e_fd = statistics.median(r[2] for r in base), statistics.median(r[2] for r in last)
+    first, w, end = rows[0], after[0], rows[-1]
+    peak = max(r[1] for r in rows)
+    return (f"RSS {b_rss:.1f} -> {e_rss:.1f} MB ({_pct(b_rss, e_rss)}; medians of 5 samples from {base[0][0]:.0f} s and of "
+            f"the last 5 to {end[0]:.0f} s; single figures {first[1]:.1f} at {first[0]:.0f} s, {w[1]:.1f} at {w[0]:.0f} s, "
+            f"{end[1]:.1f} at the end, peak {peak:.1f}), open FDs {b_fd:g} -> {e_fd:g} ({_pct(b_fd, e_fd)}; single figures "
+            f"{first[2]}, {w[2]}, {end[2]}; most {max(r[2] for r in rows)})")
 
 
 async def _redactor_size(d: Daemon) -> str | None:
@@ -296,6 +330,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=6.0, help="tasks per second in a burst (average about 0.75x)")
     ap.add_argument("--limit", type=int, default=400, help="RATE_LIMIT_PER_MINUTE")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="seconds before the growth figures' baseline (default: a tenth of the run, at most 300)")
     trio.run(soak, ap.parse_args())
 
 
