@@ -134,9 +134,38 @@ async def test_leases_that_cannot_be_taken_claim_nothing(world: World, autojump_
         async def acquire(self, ids: object) -> list[str]:
             raise ConnectionError("redis down")
 
+        async def release(self, ids: object) -> None:
+            raise ConnectionError("redis down")
+
     world.rt.admission.leases = Down()  # type: ignore[assignment]
     assert await claim_all(world, [world.work(0)]) == []
     assert world.limiter.admits == [] and world.api.patches == [] and world.rt.admission.paused
+
+
+async def test_a_limiter_error_gives_back_the_leases_just_taken(world: World, autojump_clock) -> None:
+    """Leases are taken before the rate limit is asked; when the limiter's store fails, they
+    go back. Kept, they were renewed forever (a set growing with every such failure) and no
+    replica could ever claim those tasks (a lease is taken with SET NX)."""
+    class Held:
+        def __init__(self) -> None:
+            self.owned: set[str] = set()
+
+        async def acquire(self, ids: list[str]) -> list[str]:
+            self.owned.update(ids)
+            return list(ids)
+
+        async def release(self, ids: list[str]) -> None:
+            self.owned.difference_update(ids)
+
+    leases = Held()
+    world.rt.admission.leases = world.rt.book.leases = leases  # type: ignore[assignment]
+    world.limiter.fail = LimiterError(Fault.UNREACHABLE, "redis restarting")
+    for round_ in range(20):
+        assert await claim_all(world, [world.work(10 * round_ + i) for i in range(3)]) == []
+        assert leases.owned == set()  # nothing held for tasks this replica let go of
+    world.limiter.fail = None
+    assert [x.id for x in await claim_all(world, [world.work(0)])] == [tid(0)]  # claimable again
+    assert leases.owned == {tid(0)}
 
 
 async def test_leases_held_elsewhere_are_not_claimed(world: World, autojump_clock) -> None:

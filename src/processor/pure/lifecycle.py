@@ -96,7 +96,9 @@ _CLAIMED_PHASES = (Phase.CLAIMED, Phase.DISPATCHED, Phase.COMPUTED, Phase.RELEAS
 # (phase, event) -> (new phase, effects). Nothing else moves a task.
 TRANSITIONS: Mapping[tuple[Phase, Event], tuple[Phase, tuple[Effect, ...]]] = {
     (Phase.SEEN, Event.RESERVE): (Phase.RESERVED, ()),
-    (Phase.SEEN, Event.NOT_ADMITTED): (Phase.DROPPED, (E.FORGET,)),
+    # a lease taken for it just before (the limiter then failed) goes back; one held by
+    # another replica, or by nobody, is left alone (only this replica's own are released)
+    (Phase.SEEN, Event.NOT_ADMITTED): (Phase.DROPPED, (E.RELEASE_LEASE, E.FORGET)),
     (Phase.RESERVED, Event.NOT_ADMITTED): (Phase.DROPPED, (E.REFUND, E.RELEASE_LEASE, E.FORGET)),
     (Phase.RESERVED, Event.CLAIM_SENT): (Phase.CLAIMING, (E.WRITE_JOURNAL, E.PATCH_IN_PROGRESS)),
     (Phase.CLAIMING, Event.JOURNAL_FAILED): (Phase.DROPPED, (E.REFUND, E.RELEASE_LEASE, E.FORGET)),
