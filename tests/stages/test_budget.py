@@ -18,11 +18,13 @@ from processor.pure import ratelimit as rl
 from processor.pure.budget import DEFAULT_PRICES, cost, parse_money
 from processor.pure.faults import DependencyError, Fault
 from processor.pure.lifecycle import Phase
+from processor.pure.tasks import Backend
 from processor.stages import embed
 from processor.stages.budget import BudgetPort
 from tests.stages.conftest import World, claim_all, drain, make_world, tid, wall
 
 MODEL = "text-embedding-3-small"
+LOCAL = "nomic-embed-text"
 PRICE = DEFAULT_PRICES[MODEL]
 TEXT = "x" * 300  # 300 UTF-8 bytes: reserved 300 tokens; the mock reports 300 // 3 + 1 = 101
 
@@ -40,9 +42,9 @@ class Failing(MockBackend):
         return await super().embed(model, texts, timeout=timeout)
 
 
-def budget_world(tmp_path: Any, *, tokens: int = 0, spend: str = "0", tasks: int = 0) -> tuple[World, SqliteLimiter]:
+def budget_world(tmp_path: Any, *, tokens: int = 0, spend: str = "0", tasks: int = 0, **kw: Any) -> tuple[World, SqliteLimiter]:
     backend = Failing(8)
-    w = make_world(tmp_path, embedder=backend, MAX_RETRIES=0)  # type: ignore[arg-type]
+    w = make_world(tmp_path, embedder=backend, MAX_RETRIES=0, **kw)  # type: ignore[arg-type]
     lim = SqliteLimiter(str(tmp_path / "rl.db"), {rl.Period.DAY: tasks} if tasks else {}, strategy=rl.Strategy.FIXED,
                         tz_name="UTC", metrics=w.metrics, clock=wall,
                         tokens={rl.Period.DAY: tokens} if tokens else None,
@@ -168,3 +170,20 @@ async def test_without_budgets_nothing_is_settled(world: World, lane, autojump_c
     claimed = await claim_all(world, [world.work(0)])
     await embed.compute_batch(world.rt, claimed, lane[0])
     assert drain(lane[1]) == [tid(0)] and world.rt.book.phase(tid(0)) is Phase.COMPUTED
+
+
+@pytest.mark.parametrize("ollama_serves", [True, False])
+async def test_an_ollama_task_with_a_fallback_is_reserved_at_the_fallbacks_price(tmp_path, lane, autojump_clock, ollama_serves):
+    openai = MockBackend(8)
+    w, lim = budget_world(tmp_path, spend="1", backend=Backend.OLLAMA, extra={Backend.OPENAI: openai},
+                          FALLBACK_MODELS=f'{{"{LOCAL}": "{MODEL}"}}')
+    claimed = await claim_all(w, [w.work(i, TEXT, model=LOCAL) for i in range(2)])
+    assert len(claimed) == 2 and used(lim, rl.Metric.SPEND) == 2 * cost(PRICE, 300, 0)  # whichever serves it
+    if not ollama_serves:
+        w.embedder.fail = Fault.MODEL_MISSING  # type: ignore[attr-defined]
+    await embed.compute_batch(w.rt, claimed, lane[0])
+    assert sorted(drain(lane[1])) == [tid(0), tid(1)]
+    assert openai.requests == (0 if ollama_serves else 1)
+    # Ollama costs nothing; the fallback costs its price for the tokens it used
+    assert used(lim, rl.Metric.SPEND) == (0 if ollama_serves else 2 * cost(PRICE, 101, 0))
+    w.close()

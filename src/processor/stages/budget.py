@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from processor.effects.limiter import LimiterError
@@ -27,6 +28,7 @@ from processor.kinds.base import Computed, Usage, Work, priced_model
 from processor.pure import ratelimit as rl
 from processor.pure.faults import Fault
 from processor.pure.lifecycle import Event
+from processor.pure.tasks import Backend
 
 if TYPE_CHECKING:
     from processor.runtime import Runtime
@@ -48,9 +50,17 @@ def budgets_on(rt: Runtime) -> bool:
 
 
 def demand_of(rt: Runtime, work: Work) -> rl.Demand:
+    """What `work` may cost at most. An Ollama embedding with a fallback to OpenAI
+    (FALLBACK_MODELS) is priced by its fallback, which may serve it (settled at no cost
+    when Ollama does)."""
     kind = rt.kinds.get(work.type)
     fn = getattr(kind, "demand", None)
-    return fn(work) if fn is not None else rl.Demand.upper_bound(work.text, priced_model(work))
+    d: rl.Demand = fn(work) if fn is not None else rl.Demand.upper_bound(work.text, priced_model(work))
+    if work.backend is Backend.OLLAMA and work.type == "text_embedding" and Backend.OPENAI in rt.board.adapters:
+        fallback = rt.s.fallback_models.get(work.model)
+        if fallback:
+            d = attrs.evolve(d, model=fallback)
+    return d
 
 
 def demands(rt: Runtime, works: Sequence[Work]) -> list[rl.Demand]:
@@ -82,7 +92,11 @@ async def settle_call(rt: Runtime, works: Sequence[Work], answers: Sequence[obje
     for w in works:
         rec = rt.book.records.get(w.id)
         if rec is not None:
-            reservations += [r for name, r in rec.charges if name == "global" and isinstance(r, rl.Reservation) and r.charges]
+            # priced by the model that served the call (a fallback's reservation back to no
+            # cost when Ollama served it; the fallback's price when it did)
+            model = priced_model(w)
+            reservations += [r if r.model == model else attrs.evolve(r, model=model)
+                             for name, r in rec.charges if name == "global" and isinstance(r, rl.Reservation) and r.charges]
     if not reservations:
         return
     await rt.admission.limiter.settle(reservations, tokens_in=usage.tokens_in, tokens_out=usage.tokens_out)
