@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry
 from processor.effects.asgi import serve_asgi
 from processor.effects.backends.mock import MockBackend
 from processor.effects.chat.base import ChatError
-from processor.effects.chat.build import build_chat_backends
 from processor.kinds.base import Computed, Content, KindPorts, Usage, Work
 from processor.kinds.embedding import EmbeddingKind
 from processor.pure import budget
 from processor.pure.faults import Fault
 from processor.pure.tasks import Backend
 from processor.sandbox.fake_chat import FakeChat, FakeChatState
+from processor.wiring import build_chat_backends
 from tests.test_triage_kinds import CONTENT, kinds_for, settings_for
 
 
