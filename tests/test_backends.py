@@ -17,12 +17,13 @@ import respx
 import trio
 
 from processor.config import ConfigError, load_settings
-from processor.daemon import Daemon, StartupError, build_backends
+from processor.daemon import Daemon, StartupError
 from processor.effects.backends.base import EmbedError, classify_status, retry_after
 from processor.effects.backends.ollama import ModelUnavailable, OllamaBackend, OllamaNotAnswering, keep_alive_wire
 from processor.effects.backends.openai import OpenAIBackend, accepts_dimensions, parse_reset
 from processor.effects.metrics import Metrics
 from processor.pure.faults import Dependency, DependencyError, Fault
+from processor.wiring import build_backends
 from tests.conftest import all_done, make_settings, running, wait_until
 
 OPENAI = "http://openai.test"

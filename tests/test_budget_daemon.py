@@ -29,10 +29,11 @@ from typing import Any
 import pytest
 import trio
 
+from processor import wiring
 from processor.daemon import Daemon
-from processor.effects.limiter import SqliteLimiter, budget_maps, limits_map
-from processor.effects.metrics import Metrics
-from processor.effects.redis_state import RedisLeases, RedisShared, build_limiters, make_client
+from processor.effects.limiter import build_limiter
+from processor.effects.redis_state import RedisShared, make_client
+from processor.effects.redis_state import build_limiter as build_redis_limiter
 from processor.pure import ratelimit as rl
 from processor.pure.budget import DEFAULT_PRICES, cost, format_money
 from tests.conftest import make_settings, wait_until
@@ -80,41 +81,30 @@ async def sqlite_daemon(settings: Any) -> AsyncIterator[Daemon]:
 
 @asynccontextmanager
 async def redis_daemon(settings: Any) -> AsyncIterator[Daemon]:
-    """What `processor.wiring` builds for STATE_BACKEND=redis, without its signal handling."""
-    client = make_client(settings)
-    async with client:
-        metrics = Metrics()
-        shared = RedisShared(client, prefix=settings.redis_key_prefix, metrics=metrics)
-        limiter, openai_limiter = build_limiters(settings, shared, metrics)
-        leases = RedisLeases(shared, ttl=settings.lease_ttl_seconds)
-        daemon = Daemon(settings, metrics=metrics, limiter=limiter, openai_limiter=openai_limiter, leases=leases,
-                        redis_client=client)
-        async with trio.open_nursery() as n:
-            n.start_soon(leases.renew_forever)
-            n.start_soon(daemon.run)
+    """What `processor.wiring` builds for STATE_BACKEND=redis, without signal handling."""
+    async with wiring.redis_daemon(settings) as daemon, trio.open_nursery() as n:
+        n.start_soon(daemon.run)
+        with trio.fail_after(20):
+            await daemon.started.wait()
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
             with trio.fail_after(20):
-                await daemon.started.wait()
-            try:
-                yield daemon
-            finally:
-                daemon.stop()
-                with trio.fail_after(20):
-                    while not daemon.control.shutting_down or daemon.rt is None or len(daemon.rt.book):
-                        await trio.sleep(0.05)
-                n.cancel_scope.cancel()
+                while not daemon.control.shutting_down or daemon.rt is None or len(daemon.rt.book):
+                    await trio.sleep(0.05)
+            n.cancel_scope.cancel()
 
 
 async def stored_usage(settings: Any, backend: str) -> dict[tuple[str, str], int]:
     """What the store holds, read by a fresh limiter (not the daemon's memory)."""
     if backend == "sqlite":
-        lim: Any = SqliteLimiter(settings.rate_limit_storage_path, limits_map(settings.rate_limits),
-                                 strategy=settings.rate_limit_strategy, tz_name=settings.rate_limit_timezone,
-                                 metrics=None, **budget_maps(settings))
+        lim: Any = build_limiter(wiring.limiter_configs(settings)[0], settings.rate_limit_storage_path, metrics=None)
         usage = lim.usage()
     else:
-        client = make_client(settings)
+        client = make_client(settings.redis_url)
         async with client:
-            lim, _ = build_limiters(settings, RedisShared(client, prefix=settings.redis_key_prefix), None)
+            lim = build_redis_limiter(wiring.limiter_configs(settings)[0], RedisShared(client, prefix=settings.redis_key_prefix), metrics=None)
             await lim.refresh()
             usage = lim.usage()
     return {(u.metric.value, u.period.value): u.used for u in usage}

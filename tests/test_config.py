@@ -164,7 +164,7 @@ def test_env_example_lists_every_setting():
 
 
 def test_failure_rate_breaker_settings():
-    from processor.daemon import breaker_config
+    from processor.wiring import breaker_config
 
     s, _ = load(CIRCUIT_BREAKER_FAILURE_RATE="0.5", CIRCUIT_BREAKER_WINDOW="10")
     cfg = breaker_config(s)

@@ -58,11 +58,6 @@ SETTINGS_ALLOWLIST = {
 KNOWN: set[str] = {
     "book.Book",
     "runtime.Runtime",
-    "effects.limiter.budget_maps",
-    "effects.limiter.build_limiter",
-    "effects.redis_state.build_limiters",
-    "effects.redis_state.make_client",
-    "effects.redis_state.print_redis_limits",
     "runtime.Runtime.__init__",
 }
 

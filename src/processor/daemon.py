@@ -24,12 +24,11 @@ import httpx
 import trio
 
 import processor
-from processor.config import Mode, Settings, StateBackend
+from processor.config import Settings, StateBackend
 from processor.effects.api import TaskApi
 from processor.effects.asgi import serve_asgi
 from processor.effects.auth import TokenProvider
 from processor.effects.backends.base import EmbeddingBackend
-from processor.effects.backends.mock import MockBackend
 from processor.effects.guard import Guard
 from processor.effects.health import HealthApp
 from processor.effects.http import build_client
@@ -42,12 +41,11 @@ from processor.effects.store import JournalStore
 from processor.kinds import registry
 from processor.kinds.base import Work
 from processor.pure import lifecycle, readiness
-from processor.pure.breaker import BreakerConfig
 from processor.pure.lifecycle import Phase
-from processor.pure.tasks import Backend, Routing
+from processor.pure.tasks import Backend
 from processor.runtime import RELEASE_TIMEOUT, Runtime
 from processor.stages import claim, embed, intake, recovery, report
-from processor.wiring import build_chat_ports, token_config
+from processor.wiring import breaker_config, build_backends, build_chat_ports, limiter_configs, routing_for, token_config
 
 
 class StartupError(Exception):
@@ -68,56 +66,6 @@ def _os_error(exc: BaseException) -> OSError | None:
             if found is not None:
                 return found
     return None
-
-
-def breaker_config(settings: Settings) -> BreakerConfig:
-    return BreakerConfig(
-        threshold=settings.circuit_breaker_threshold,
-        window=settings.circuit_breaker_window if settings.circuit_breaker_failure_rate > 0 else 0,
-        rate_threshold=settings.circuit_breaker_failure_rate or 1.0,
-        min_calls=max(1, settings.circuit_breaker_window // 2),
-    )
-
-
-def routing_for(settings: Settings) -> Routing:
-    mode = settings.processing_mode
-    local = frozenset(settings.supported_models) if mode in (Mode.OLLAMA, Mode.HYBRID) else frozenset()
-    return Routing(
-        default_model=settings.default_model,
-        local_models=local,
-        remote=mode in (Mode.OPENAI, Mode.HYBRID),
-        mock=mode is Mode.MOCK,
-        local=mode is Mode.LOCAL,
-    )
-
-
-def build_backends(settings: Settings, metrics: Metrics) -> dict[Backend, EmbeddingBackend]:
-    mode = settings.processing_mode
-    out: dict[Backend, EmbeddingBackend] = {}
-    if mode is Mode.MOCK:
-        out[Backend.MOCK] = MockBackend(settings.embedding_dimensions, latency=settings.mock_latency_ms / 1000)
-    if mode is Mode.LOCAL:
-        from processor.effects.backends.local import LocalBackend
-
-        out[Backend.LOCAL] = LocalBackend(settings.embedding_dimensions, max_items=settings.max_batch_size)
-    if mode in (Mode.OLLAMA, Mode.HYBRID):
-        from processor.effects.backends.ollama import OllamaBackend
-
-        out[Backend.OLLAMA] = OllamaBackend(
-            base_url=settings.ollama_base_url, models=settings.supported_models, timeout=settings.ollama_timeout,
-            download_timeout=settings.ollama_model_download_timeout, keep_alive=settings.ollama_keep_alive,
-            truncate=settings.ollama_truncate, max_batch=settings.max_batch_size, metrics=metrics,
-            strict=mode is Mode.OLLAMA,
-        )
-    if mode in (Mode.OPENAI, Mode.HYBRID):
-        from processor.effects.backends.openai import OpenAIBackend
-
-        assert settings.openai_api_key
-        out[Backend.OPENAI] = OpenAIBackend(
-            api_key=settings.openai_api_key, base_url=settings.openai_base_url, dimensions=settings.embedding_dimensions,
-            timeout=settings.openai_timeout, max_batch=settings.max_batch_size, metrics=metrics,
-        )
-    return out
 
 
 @attrs.frozen
@@ -331,8 +279,13 @@ class Daemon:
             guards = {b: Guard(b.value, attrs.evolve(breaker_config(s), base_wait=5.0, max_wait=300.0), metrics=self.metrics, rng=self._parts.rng) for b in backends}
             try:
                 journal = JournalStore(s.journal_path)
-                limiter = self._parts.limiter or build_limiter(s, s.rate_limits, s.rate_limit_storage_path, metrics=self.metrics, name="global", clock=self._parts.clock)
-                openai_limiter = self._parts.openai_limiter or build_limiter(s, s.openai_rate_limits, s.rate_limit_storage_path.replace(".db", "") + "_openai.db", metrics=None, name="openai", clock=self._parts.clock)
+                limiter, openai_limiter = self._parts.limiter, self._parts.openai_limiter
+                global_config, openai_config = limiter_configs(s)
+                if limiter is None:
+                    limiter = build_limiter(global_config, s.rate_limit_storage_path, metrics=self.metrics, clock=self._parts.clock)
+                if openai_limiter is None:
+                    openai_limiter = build_limiter(openai_config, s.rate_limit_storage_path.replace(".db", "") + "_openai.db",
+                                                   metrics=None, clock=self._parts.clock)
             except Exception as exc:
                 raise StartupError(str(exc)) from None
             leases = self._parts.leases or NoLeases()

@@ -105,8 +105,8 @@ def _check(settings: Settings, warnings: list[str]) -> int:
 
 
 async def _check_async(settings: Settings) -> list[tuple[str, bool, str]]:
-    from processor.daemon import build_backends, routing_for
     from processor.effects.metrics import Metrics
+    from processor.wiring import build_backends, routing_for
     metrics = Metrics()
     out = await _check_token_and_api(settings, metrics)
     backends = build_backends(settings, metrics)
@@ -207,6 +207,7 @@ async def _check_backend(settings: Settings, routing: Any, b: Any, adapter: Any)
 
 def _limits(settings: Settings) -> int:
     from processor.effects.limiter import LimiterError, build_limiter, format_usage
+    from processor.wiring import limiter_configs
 
     if not settings.rate_limit_enabled:
         print("rate limiting is off (RATE_LIMIT_ENABLED=false)")
@@ -217,9 +218,9 @@ def _limits(settings: Settings) -> int:
     if settings.state_backend.value == "redis":
         from processor.effects.redis_state import print_redis_limits
 
-        return trio.run(print_redis_limits, settings)
+        return trio.run(print_redis_limits, settings.redis_url, settings.redis_key_prefix, limiter_configs(settings)[0])
     try:
-        limiter = build_limiter(settings, settings.rate_limits, settings.rate_limit_storage_path, metrics=None, name="global")
+        limiter = build_limiter(limiter_configs(settings)[0], settings.rate_limit_storage_path, metrics=None)
     except LimiterError as exc:
         print(f"processor: {exc}", file=sys.stderr)
         return EXIT_FAIL

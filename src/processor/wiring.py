@@ -14,19 +14,27 @@ soon as it is.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from processor.config import Mode, Settings, StateBackend
+from processor.config import Limits, Mode, Settings, StateBackend
 from processor.effects.auth import TokenConfig
+from processor.effects.backends.base import EmbeddingBackend
+from processor.effects.backends.mock import MockBackend
+from processor.effects.limiter import LimiterConfig, limits_map
+from processor.effects.metrics import Metrics
 from processor.effects.signals import SHUTDOWN_SIGNALS, OsSignals
+from processor.pure.breaker import BreakerConfig
 from processor.pure.faults import Dependency
-from processor.pure.tasks import Backend
+from processor.pure.ratelimit import Period
+from processor.pure.tasks import Backend, Routing
 
 if TYPE_CHECKING:
+    from processor.daemon import Daemon
     from processor.effects.chat.base import ChatBackend
     from processor.effects.chat.metrics import ChatMetrics
     from processor.effects.guard import Guard
@@ -40,7 +48,71 @@ def token_config(s: Settings) -> TokenConfig:
                        scope=s.oauth2_scope, auth_method=s.oauth2_auth_method)
 
 
+def limiter_configs(s: Settings) -> tuple[LimiterConfig, LimiterConfig]:
+    """The global limiter (task, token and spend tiers) and OpenAI's (task tiers); no tier
+    at all with RATE_LIMIT_ENABLED=false."""
+    def tiers(limits: Limits) -> dict[Period, int]:
+        return limits_map(limits) if s.rate_limit_enabled else {}
+
+    strategy, zone = s.rate_limit_strategy, s.rate_limit_timezone
+    return (
+        LimiterConfig("global", strategy, zone, tasks=tiers(s.rate_limits), tokens=tiers(s.token_limits),
+                      spend=tiers(s.spend_limits), prices=s.model_prices),
+        LimiterConfig("openai", strategy, zone, tasks=tiers(s.openai_rate_limits)),
+    )
+
+
+def breaker_config(s: Settings) -> BreakerConfig:
+    return BreakerConfig(
+        threshold=s.circuit_breaker_threshold,
+        window=s.circuit_breaker_window if s.circuit_breaker_failure_rate > 0 else 0,
+        rate_threshold=s.circuit_breaker_failure_rate or 1.0,
+        min_calls=max(1, s.circuit_breaker_window // 2),
+    )
+
+
+def routing_for(s: Settings) -> Routing:
+    mode = s.processing_mode
+    local = frozenset(s.supported_models) if mode in (Mode.OLLAMA, Mode.HYBRID) else frozenset()
+    return Routing(
+        default_model=s.default_model,
+        local_models=local,
+        remote=mode in (Mode.OPENAI, Mode.HYBRID),
+        mock=mode is Mode.MOCK,
+        local=mode is Mode.LOCAL,
+    )
+
+
 # -- the adapters the settings ask for ---------------------------------------------------------
+
+
+def build_backends(s: Settings, metrics: Metrics) -> dict[Backend, EmbeddingBackend]:
+    mode = s.processing_mode
+    out: dict[Backend, EmbeddingBackend] = {}
+    if mode is Mode.MOCK:
+        out[Backend.MOCK] = MockBackend(s.embedding_dimensions, latency=s.mock_latency_ms / 1000)
+    if mode is Mode.LOCAL:
+        from processor.effects.backends.local import LocalBackend
+
+        out[Backend.LOCAL] = LocalBackend(s.embedding_dimensions, max_items=s.max_batch_size)
+    if mode in (Mode.OLLAMA, Mode.HYBRID):
+        from processor.effects.backends.ollama import OllamaBackend
+
+        out[Backend.OLLAMA] = OllamaBackend(
+            base_url=s.ollama_base_url, models=s.supported_models, timeout=s.ollama_timeout,
+            download_timeout=s.ollama_model_download_timeout, keep_alive=s.ollama_keep_alive,
+            truncate=s.ollama_truncate, max_batch=s.max_batch_size, metrics=metrics,
+            strict=mode is Mode.OLLAMA,
+        )
+    if mode in (Mode.OPENAI, Mode.HYBRID):
+        from processor.effects.backends.openai import OpenAIBackend
+
+        assert s.openai_api_key
+        out[Backend.OPENAI] = OpenAIBackend(
+            api_key=s.openai_api_key, base_url=s.openai_base_url, dimensions=s.embedding_dimensions,
+            timeout=s.openai_timeout, max_batch=s.max_batch_size, metrics=metrics,
+        )
+    return out
 
 
 def build_chat_backends(s: Settings, metrics: Any) -> dict[Backend, ChatBackend]:
@@ -149,21 +221,28 @@ async def run(settings: Settings) -> int:
 
 
 async def _run_with_redis(settings: Settings) -> int:
-    from processor.daemon import Daemon
-    from processor.effects.metrics import Metrics
-    from processor.effects.redis_state import RedisLeases, RedisShared, build_limiters, make_client
+    async with redis_daemon(settings, signals=OS_SIGNALS) as daemon:
+        return await daemon.run()
 
-    client = make_client(settings)
+
+@asynccontextmanager
+async def redis_daemon(settings: Settings, *, signals: OsSignals | None = None) -> AsyncIterator[Daemon]:
+    """STATE_BACKEND=redis: a daemon on the shared limiters, leases, Wikidata cache and turn,
+    with the tasks that keep them alive running until the block ends (the caller runs it)."""
+    from processor.daemon import Daemon
+    from processor.effects.redis_state import RedisLeases, RedisShared, build_limiter, make_client
+
+    client = make_client(settings.redis_url)
     async with client:
         metrics = Metrics()
         shared = RedisShared(client, prefix=settings.redis_key_prefix, metrics=metrics)
-        limiter, openai_limiter = build_limiters(settings, shared, metrics)
+        global_config, openai_config = limiter_configs(settings)
         leases = RedisLeases(shared, ttl=settings.lease_ttl_seconds)
-        daemon = Daemon(settings, metrics=metrics, limiter=limiter, openai_limiter=openai_limiter, leases=leases,
-                        redis_client=client, signals=OS_SIGNALS)  # the Wikidata cache and turn are shared too
+        daemon = Daemon(settings, metrics=metrics, leases=leases, redis_client=client, signals=signals,
+                        limiter=build_limiter(global_config, shared, metrics=metrics),
+                        openai_limiter=build_limiter(openai_config, shared, metrics=None))
         async with trio.open_nursery() as n:
             n.start_soon(leases.renew_forever)
             n.start_soon(shared.watch)
-            code = await daemon.run()
+            yield daemon
             n.cancel_scope.cancel()
-        return code

@@ -12,11 +12,12 @@ import pytest
 import trio
 
 from processor.config import ConfigError, Mode, load_settings
-from processor.daemon import Daemon, StartupError, build_backends
+from processor.daemon import Daemon, StartupError
 from processor.effects.backends.base import EmbedError
 from processor.effects.backends.local import DEMO_CLAIMS, FULL_DIM, LocalBackend, nearest_neighbours
 from processor.effects.metrics import Metrics
 from processor.pure.tasks import Backend
+from processor.wiring import build_backends
 from tests.conftest import make_settings, running, wait_until
 
 

@@ -19,9 +19,10 @@ import zoneinfo
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+import attrs
 import trio
 
-from processor.config import Limits, Settings
+from processor.config import Limits
 from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
 from processor.effects.store import SqliteDb, StoreError
@@ -377,20 +378,35 @@ class SqliteLimiter:
         return rl.usage(self.state, self.now())
 
 
-def budget_maps(settings: Settings) -> dict[str, Any]:
-    """The global limiter's token and spend tiers and prices, from the settings."""
-    return {"tokens": limits_map(settings.token_limits), "spend": limits_map(settings.spend_limits), "prices": settings.model_prices}
+@attrs.frozen
+class LimiterConfig:
+    """What one limiter needs of the settings (`processor.wiring.limiter_configs`): its
+    tiers per period (tasks; the global limiter also tokens and spend, with the prices) and
+    how periods are counted. A limiter with no tier is `Unlimited`."""
+
+    name: str  # "global" (task, token and spend tiers) or "openai" (task tiers)
+    strategy: rl.Strategy
+    tz_name: str
+    tasks: Mapping[rl.Period, int] = attrs.field(factory=dict)
+    tokens: Mapping[rl.Period, int] | None = None
+    spend: Mapping[rl.Period, int] | None = None
+    prices: Mapping[str, ModelPrice] | None = None
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.tasks or self.tokens or self.spend)
+
+    def budgets(self) -> dict[str, Any]:
+        """The token and spend tiers and prices, as the limiters take them."""
+        out = {"tokens": self.tokens, "spend": self.spend, "prices": self.prices}
+        return {k: dict(v) for k, v in out.items() if v is not None}
 
 
-def build_limiter(
-    settings: Settings, limits: Limits, path: str, *, metrics: Metrics | None, name: str, clock: Callable[[], float] = time.time
-) -> Limiter:
-    """The global limiter (name "global": task, token and spend tiers) or the OpenAI one
-    (task tiers only)."""
-    budgets = budget_maps(settings) if name == "global" else {}
-    if not settings.rate_limit_enabled or not (limits.enabled() or budgets.get("tokens") or budgets.get("spend")):
+def build_limiter(config: LimiterConfig, path: str, *, metrics: Metrics | None, clock: Callable[[], float] = time.time) -> Limiter:
+    """A limiter over the SQLite store at `path`, or `Unlimited` when no tier is set."""
+    if not config.limited:
         return Unlimited(clock)
     return SqliteLimiter(
-        path, limits_map(limits), strategy=settings.rate_limit_strategy, tz_name=settings.rate_limit_timezone,
-        metrics=metrics, clock=clock, name=name, **budgets,
+        path, dict(config.tasks), strategy=config.strategy, tz_name=config.tz_name,
+        metrics=metrics, clock=clock, name=config.name, **config.budgets(),
     )

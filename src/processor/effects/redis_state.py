@@ -29,16 +29,14 @@ import attrs
 import coredis
 import trio
 
-from processor.config import Limits, Settings
 from processor.effects.limiter import (
+    LimiterConfig,
     LimiterError,
     TierWatch,
     Unlimited,
-    budget_maps,
     format_usage,
     free_decision,
     has_budgets,
-    limits_map,
 )
 from processor.effects.logs import REDACTOR, get_logger
 from processor.effects.metrics import Metrics
@@ -526,9 +524,10 @@ class RedisLeases:
             self._log.warning("leases_lost", count=len(fresh), why=why, action="abandoning those tasks without reporting")
 
 
-def make_client(settings: Settings) -> Any:
-    REDACTOR.add(_password(settings.redis_url))
-    return coredis.Redis.from_url(settings.redis_url, decode_responses=True, connect_timeout=2, stream_timeout=3)
+def make_client(url: str) -> Any:
+    """A coredis client for REDIS_URL (its password goes to the redactor)."""
+    REDACTOR.add(_password(url))
+    return coredis.Redis.from_url(url, decode_responses=True, connect_timeout=2, stream_timeout=3)
 
 
 def _password(url: str) -> str | None:
@@ -537,23 +536,20 @@ def _password(url: str) -> str | None:
     return urlsplit(url).password
 
 
-def build_limiters(settings: Settings, shared: RedisShared, metrics: Metrics | None) -> tuple[Any, Any]:
-    def one(limits: Limits, name: str) -> Any:
-        budgets = budget_maps(settings) if name == "global" else {}
-        if not settings.rate_limit_enabled or not (limits.enabled() or budgets.get("tokens") or budgets.get("spend")):
-            return Unlimited()
-        return RedisLimiter(shared, limits_map(limits), strategy=settings.rate_limit_strategy,
-                            tz_name=settings.rate_limit_timezone, metrics=metrics if name == "global" else None, name=name,
-                            **budgets)
-
-    return one(settings.rate_limits, "global"), one(settings.openai_rate_limits, "openai")
+def build_limiter(config: LimiterConfig, shared: RedisShared, *, metrics: Metrics | None) -> Any:
+    """A limiter on the shared Redis state, or `Unlimited` when no tier is set."""
+    if not config.limited:
+        return Unlimited()
+    return RedisLimiter(shared, dict(config.tasks), strategy=config.strategy, tz_name=config.tz_name,
+                        metrics=metrics, name=config.name, **config.budgets())
 
 
-async def print_redis_limits(settings: Settings) -> int:
-    client = make_client(settings)
+async def print_redis_limits(url: str, prefix: str, config: LimiterConfig) -> int:
+    """`processor limits` with STATE_BACKEND=redis: the global limiter's usage."""
+    client = make_client(url)
     async with client:
-        shared = RedisShared(client, prefix=settings.redis_key_prefix)
-        limiter, _ = build_limiters(settings, shared, None)
+        shared = RedisShared(client, prefix=prefix)
+        limiter = build_limiter(config, shared, metrics=None)
         try:
             await limiter.refresh()
             now = await shared.now()
@@ -561,6 +557,6 @@ async def print_redis_limits(settings: Settings) -> int:
         except (LimiterError, RedisUnavailable) as exc:
             print(f"processor: redis unavailable: {exc}")
             return 1
-    print(f"store: redis  strategy: {settings.rate_limit_strategy.value}  zone: {settings.rate_limit_timezone}")
+    print(f"store: redis  strategy: {config.strategy.value}  zone: {config.tz_name}")
     print("\n".join(format_usage(limiter.usage())))
     return 0
