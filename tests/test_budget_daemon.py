@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -36,7 +36,7 @@ from processor.effects.redis_state import RedisShared, make_client
 from processor.effects.redis_state import build_limiter as build_redis_limiter
 from processor.pure import ratelimit as rl
 from processor.pure.budget import DEFAULT_PRICES, cost, format_money
-from tests.conftest import make_settings, wait_until
+from tests.conftest import make_settings, running, wait_until
 from tests.test_redis import REDIS, cleanup
 
 MODEL = "text-embedding-3-small"
@@ -66,34 +66,15 @@ def settings_for(sandbox: Any, tmp_path: Any, case: str, **extra: str) -> Any:
     )
 
 
-@asynccontextmanager
-async def sqlite_daemon(settings: Any) -> AsyncIterator[Daemon]:
-    daemon = Daemon(settings)
-    async with trio.open_nursery() as n:
-        n.start_soon(daemon.run)
-        with trio.fail_after(20):
-            await daemon.started.wait()
-        try:
-            yield daemon
-        finally:
-            daemon.stop()
+def sqlite_daemon(settings: Any) -> AbstractAsyncContextManager[Daemon]:
+    return running(Daemon(settings))
 
 
 @asynccontextmanager
 async def redis_daemon(settings: Any) -> AsyncIterator[Daemon]:
     """What `processor.wiring` builds for STATE_BACKEND=redis, without signal handling."""
-    async with wiring.redis_daemon(settings) as daemon, trio.open_nursery() as n:
-        n.start_soon(daemon.run)
-        with trio.fail_after(20):
-            await daemon.started.wait()
-        try:
-            yield daemon
-        finally:
-            daemon.stop()
-            with trio.fail_after(20):
-                while not daemon.control.shutting_down or daemon.rt is None or len(daemon.rt.book):
-                    await trio.sleep(0.05)
-            n.cancel_scope.cancel()
+    async with wiring.redis_daemon(settings) as daemon, running(daemon):
+        yield daemon
 
 
 async def stored_usage(settings: Any, backend: str) -> dict[tuple[str, str], int]:

@@ -164,12 +164,7 @@ class OllamaApi:
         except Exception as exc:
             raise OllamaNotAnswering(str(self.not_answering(exc))) from None
         self.down = None
-        if resp.status_code != 200:
-            return None
-        try:
-            body = orjson.loads(resp.content)
-        except orjson.JSONDecodeError:
-            return None
+        body = _ok_json(resp)
         models = body.get("models") if isinstance(body, dict) else None
         if not isinstance(models, list):
             return None
@@ -187,12 +182,7 @@ class OllamaApi:
             resp = await self._http.post("/api/show", json={"model": model})
         except Exception as exc:
             raise OllamaNotAnswering(str(self.not_answering(exc))) from None
-        if resp.status_code != 200:
-            return None
-        try:
-            info = orjson.loads(resp.content)
-        except orjson.JSONDecodeError:
-            return None
+        info = _ok_json(resp)
         return info if isinstance(info, dict) else None
 
     async def pull(self, model: str) -> None:
@@ -521,6 +511,16 @@ class OllamaBackend:
 
     async def aclose(self) -> None:
         await self._api.aclose()
+
+
+def _ok_json(resp: httpx.Response) -> Any:
+    """The JSON body of a 200 answer; None for another status or a body that is not JSON."""
+    if resp.status_code != 200:
+        return None
+    try:
+        return orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _embedding_length(model_info: Mapping[str, Any]) -> int | None:
