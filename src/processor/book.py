@@ -31,7 +31,22 @@ RECENT_MAX = 50_000
 
 
 
+@attrs.frozen
+class BookPorts:
+    """Where the book's effects go: the journal and outbox, the leases, the task API (PATCH
+    pending), the limiters' refund, the in-flight and outbox gauges, and the wall clock."""
+
+    journal: JournalStore
+    leases: Leases
+    api: Any
+    metrics: Metrics
+    refund: Callable[[str, list[Any]], Any]  # (limiter name, reservations) -> awaitable
+    wall: Callable[[], float] = time.time
+
+
 class Book:
+    """The records of the tasks in hand (and the ids finished lately), over `BookPorts`."""
+
     def __init__(
         self,
         *,
@@ -44,12 +59,7 @@ class Book:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.capacity = capacity
-        self.journal = journal
-        self.leases = leases
-        self.api = api
-        self.metrics = metrics
-        self._refund = refund
-        self.wall = wall
+        self.ports = BookPorts(journal=journal, leases=leases, api=api, metrics=metrics, refund=refund, wall=wall)
         self.records: dict[str, lc.Record] = {}
         self.works: dict[str, Work] = {}
         self.claimed_at: dict[str, float] = {}
@@ -83,7 +93,7 @@ class Book:
 
     def oldest_result_age(self) -> float:
         oldest = min(self.computed_at.values(), default=None)
-        return 0.0 if oldest is None else max(0.0, self.wall() - oldest)
+        return 0.0 if oldest is None else max(0.0, self.ports.wall() - oldest)
 
     async def wait_for_room(self, stopping: trio.Event) -> None:
         while len(self.records) > self.capacity // 2 and not stopping.is_set():
@@ -95,7 +105,7 @@ class Book:
     def take(self, work: Work) -> None:
         self.records[work.id] = lc.Record(work.id)
         self.works[work.id] = work
-        self.metrics.in_flight.set(len(self.records))
+        self.ports.metrics.in_flight.set(len(self.records))
 
     def add_charge(self, task_id: str, charge: tuple[str, Any]) -> None:
         """One more (limiter name, reservation) for a task in hand (a budget's reservation
@@ -107,7 +117,7 @@ class Book:
     def take_id(self, task_id: str) -> None:
         """An id without work (a defect reported at intake, a recovered row)."""
         self.records[task_id] = lc.Record(task_id)
-        self.metrics.in_flight.set(len(self.records))
+        self.ports.metrics.in_flight.set(len(self.records))
 
     # -- moving ---------------------------------------------------------------------------
     def fire(self, ids: Iterable[str], event: Event, **kw: Any) -> list[tuple[str, lc.Step]]:
@@ -141,11 +151,11 @@ class Book:
                     refunds.setdefault(name, []).append(receipt)
         for name, receipts in refunds.items():
             try:
-                await self._refund(name, receipts)
+                await self.ports.refund(name, receipts)
             except Exception as exc:  # a refund that fails only makes the limiter stricter
                 _log.warning("refund_failed", limiter=name, units=len(receipts), error=str(exc))
         if Effect.WRITE_JOURNAL in want:
-            now = self.wall()
+            now = self.ports.wall()
             rows = []
             for i in want[Effect.WRITE_JOURNAL]:
                 w = self.works[i]
@@ -153,11 +163,11 @@ class Book:
                 at = getattr(r, "at", None)
                 rows.append(ClaimRow(i, w.text, w.model, w.backend.value, w.created_at, now,
                                      at if isinstance(at, float) else None, type=w.type))
-            await self.journal.add_claims(rows)  # StoreError propagates: the caller fires JOURNAL_FAILED
+            await self.ports.journal.add_claims(rows)  # StoreError propagates: the caller fires JOURNAL_FAILED
         if Effect.MARK_DISPATCHED in want:
-            await self._quiet(self.journal.mark_dispatched(want[Effect.MARK_DISPATCHED]), "journal_update_failed")
+            await self._quiet(self.ports.journal.mark_dispatched(want[Effect.MARK_DISPATCHED]), "journal_update_failed")
         if Effect.WRITE_OUTBOX in want:
-            now = self.wall()
+            now = self.ports.wall()
             rows2 = []
             for i in want[Effect.WRITE_OUTBOX]:
                 o = self.records[i].outcome
@@ -165,22 +175,22 @@ class Book:
                 known = self.works.get(i)
                 rows2.append(OutboxRow(i, o.state, o.result, o.reason, now, known.created_at if known else None))
                 self.computed_at.setdefault(i, now)
-            await self.journal.put_results(rows2)  # StoreError propagates: nothing is reported unstored
+            await self.ports.journal.put_results(rows2)  # StoreError propagates: nothing is reported unstored
             self._publish_outbox()
         if Effect.COUNT_ATTEMPT in want:
-            await self._quiet(self.journal.count_attempts(want[Effect.COUNT_ATTEMPT], self.wall()), "attempt_count_failed")
+            await self._quiet(self.ports.journal.count_attempts(want[Effect.COUNT_ATTEMPT], self.ports.wall()), "attempt_count_failed")
         if Effect.DELETE_JOURNAL in want:
             reported = set(want.get(Effect.COMPLETE_LEASE, ()))  # the story is over: attempts go too
             ended = [i for i in want[Effect.DELETE_JOURNAL] if i in reported]
             other = [i for i in want[Effect.DELETE_JOURNAL] if i not in reported]
             if ended:
-                await self._quiet(self.journal.finish(ended, attempts=True), "journal_update_failed")
+                await self._quiet(self.ports.journal.finish(ended, attempts=True), "journal_update_failed")
             if other:
-                await self._quiet(self.journal.finish(other), "journal_update_failed")
+                await self._quiet(self.ports.journal.finish(other), "journal_update_failed")
         if Effect.RELEASE_LEASE in want:
-            await self._quiet(self.leases.release(want[Effect.RELEASE_LEASE]), "lease_release_failed")
+            await self._quiet(self.ports.leases.release(want[Effect.RELEASE_LEASE]), "lease_release_failed")
         if Effect.COMPLETE_LEASE in want:
-            await self._quiet(self.leases.complete(want[Effect.COMPLETE_LEASE]), "lease_complete_failed")
+            await self._quiet(self.ports.leases.complete(want[Effect.COMPLETE_LEASE]), "lease_complete_failed")
         if Effect.FORGET in want:
             self._forget([(i, s) for i, s in steps if Effect.FORGET in s.effects])
 
@@ -212,14 +222,14 @@ class Book:
                 self.recent[i] = now
                 self.recent.move_to_end(i)
         self._expire_recent(now)
-        self.metrics.in_flight.set(len(self.records))
+        self.ports.metrics.in_flight.set(len(self.records))
         self._publish_outbox()
         if len(self.records) <= self.capacity // 2:
             self.room.set()
 
     def _publish_outbox(self) -> None:
-        self.metrics.outbox_size.set(self.outbox_size)
-        self.metrics.outbox_oldest.set(self.oldest_result_age())
+        self.ports.metrics.outbox_size.set(self.outbox_size)
+        self.ports.metrics.outbox_oldest.set(self.oldest_result_age())
 
     # -- whole moves the stages share -------------------------------------------------------
     async def drop(self, ids: Sequence[str]) -> None:
@@ -252,7 +262,7 @@ class Book:
 
         async def one(task_id: str) -> None:
             try:
-                await self.api.patch(task_id, "pending")
+                await self.ports.api.patch(task_id, "pending")
             except ApiError as exc:
                 _log.warning("release_failed", task_id=task_id, error=str(exc))
                 failed.append(task_id)
@@ -269,7 +279,7 @@ class Book:
             kept = [i for i in ok if i in uncertain] + failed + cut
             with trio.CancelScope(shield=True):
                 await self.perform(self.fire(sure, Event.RELEASE_OK) + self.fire(kept, Event.RELEASE_FAILED))
-        self.metrics.released.labels(reason).inc(len(ok))
+        self.ports.metrics.released.labels(reason).inc(len(ok))
         _log.info("claims_released", count=len(ok), release_failed=len(ids) - len(ok), reason=reason)
         return len(ok)
 
@@ -277,4 +287,4 @@ class Book:
         """Another replica may own these now: forget them without reporting."""
         steps = self.fire(ids, Event.LEASE_LOST)
         await self.perform(steps)
-        self.metrics.released.labels("lease_lost").inc(len(steps))
+        self.ports.metrics.released.labels("lease_lost").inc(len(steps))

@@ -6,6 +6,7 @@ API, the limiters and the leases are fakes of the outside world.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import trio
 
@@ -158,7 +159,8 @@ async def test_a_limiter_error_gives_back_the_leases_just_taken(world: World, au
             self.owned.difference_update(ids)
 
     leases = Held()
-    world.rt.admission.leases = world.rt.book.leases = leases  # type: ignore[assignment]
+    world.rt.admission.leases = leases  # type: ignore[assignment]
+    world.rt.book.ports = attrs.evolve(world.rt.book.ports, leases=leases)
     world.limiter.fail = LimiterError(Fault.UNREACHABLE, "redis restarting")
     for round_ in range(20):
         assert await claim_all(world, [world.work(10 * round_ + i) for i in range(3)]) == []
