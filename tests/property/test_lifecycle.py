@@ -114,3 +114,11 @@ class LifecycleMachine(RuleBasedStateMachine):
 
 
 TestLifecycle = LifecycleMachine.TestCase
+
+
+def test_every_story_that_forgets_a_task_lets_go_of_its_lease() -> None:
+    """A record forgotten while its lease (or this replica's note that it was lost) stays
+    behind is held forever: renewed, so no replica can claim the task again."""
+    for (phase, event), (_, effects) in lc.TRANSITIONS.items():
+        if Effect.FORGET in effects:
+            assert Effect.RELEASE_LEASE in effects or Effect.COMPLETE_LEASE in effects, (phase, event)

@@ -448,8 +448,12 @@ class RedisLeases:
         self._shared = shared
         self.ttl = ttl
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
-        self.owned: set[str] = set()
-        self._lost: set[str] = set()
+        # id -> the number of the acquisition that took it: a renewal answer that comes back
+        # after the lease was let go of (reported, released) and maybe taken again counts
+        # only for the same acquisition
+        self.owned: dict[str, int] = {}
+        self._taken = 0
+        self._lost: set[str] = set()  # emptied as the book lets go of each lost task
         self._last_renewal = trio.current_time()
         self._log = get_logger("leases")
 
@@ -465,7 +469,10 @@ class RedisLeases:
             return []
         out = await self._shared.call("acquire", [self._key(t) for t in task_ids], [self.owner, int(self.ttl * 1000)])
         got = [t for t, ok in zip(task_ids, out, strict=True) if int(ok)]
-        self.owned.update(got)
+        for t in got:
+            self._taken += 1
+            self.owned[t] = self._taken
+        self._lost.difference_update(got)  # a lease taken again is not lost
         return got
 
     async def release(self, task_ids: Sequence[str]) -> None:
@@ -479,7 +486,8 @@ class RedisLeases:
 
     async def _let_go(self, script: str, task_ids: Sequence[str]) -> None:
         mine = [t for t in task_ids if t in self.owned]
-        self.owned.difference_update(task_ids)
+        for t in task_ids:
+            self.owned.pop(t, None)
         self._lost.difference_update(task_ids)
         if not mine:
             return
@@ -501,7 +509,8 @@ class RedisLeases:
         """Renew owned leases every TTL/3; a lease that cannot be renewed is lost."""
         while True:
             await trio.sleep(self.ttl / 3)
-            ids = sorted(self.owned)
+            held = dict(self.owned)
+            ids = sorted(held)
             if not ids:
                 self._last_renewal = trio.current_time()
                 continue
@@ -509,17 +518,22 @@ class RedisLeases:
                 out = await self._shared.call("renew", [self._key(t) for t in ids], [self.owner, int(self.ttl * 1000)])
             except RedisUnavailable:
                 if trio.current_time() - self._last_renewal > self.ttl:
-                    self._lose(ids, "redis unreachable past the lease TTL")
+                    self._lose(held, ids, "redis unreachable past the lease TTL")
                 continue
             self._last_renewal = trio.current_time()
             gone = [t for t, ok in zip(ids, out, strict=True) if not int(ok)]
             if gone:
-                self._lose(gone, "lease taken over or expired")
+                self._lose(held, gone, "lease taken over or expired")
 
-    def _lose(self, ids: Sequence[str], why: str) -> None:
+    def _lose(self, held: dict[str, int], ids: Sequence[str], why: str) -> None:
+        """`ids` could not be renewed. Only those still held by the same acquisition are lost:
+        while the renewal was on its way, a task may have been reported (its lease turned
+        into a done marker) or released, and even taken again."""
+        ids = [t for t in ids if self.owned.get(t) == held[t]]
         fresh = [t for t in ids if t not in self._lost]
         self._lost.update(ids)
-        self.owned.difference_update(ids)
+        for t in ids:
+            del self.owned[t]
         if fresh:
             self._log.warning("leases_lost", count=len(fresh), why=why, action="abandoning those tasks without reporting")
 

@@ -121,8 +121,9 @@ TRANSITIONS: Mapping[tuple[Phase, Event], tuple[Phase, tuple[Effect, ...]]] = {
     (Phase.SEEN, Event.RECOVERED_CLAIM): (Phase.CLAIMED, ()),
     (Phase.SEEN, Event.RECOVERED_DISPATCHED): (Phase.DISPATCHED, ()),
     (Phase.SEEN, Event.RECOVERED_RESULT): (Phase.COMPUTED, (E.PATCH_FINAL,)),
-    **{(p, Event.LEASE_LOST): (Phase.ABANDONED, (E.DELETE_JOURNAL, E.FORGET)) for p in _CLAIMED_PHASES},
-    (Phase.CLAIMING, Event.LEASE_LOST): (Phase.ABANDONED, (E.DELETE_JOURNAL, E.FORGET)),
+    # (the lease is gone already: letting go of it only ends this replica's record of the loss)
+    **{(p, Event.LEASE_LOST): (Phase.ABANDONED, (E.DELETE_JOURNAL, E.RELEASE_LEASE, E.FORGET)) for p in _CLAIMED_PHASES},
+    (Phase.CLAIMING, Event.LEASE_LOST): (Phase.ABANDONED, (E.DELETE_JOURNAL, E.RELEASE_LEASE, E.FORGET)),
 }
 
 
