@@ -45,7 +45,15 @@ from processor.pure.lifecycle import Phase
 from processor.pure.tasks import Backend
 from processor.runtime import RELEASE_TIMEOUT, Runtime
 from processor.stages import claim, embed, intake, recovery, report
-from processor.wiring import breaker_config, build_backends, build_chat_ports, limiter_configs, routing_for, token_config
+from processor.wiring import (
+    breaker_config,
+    build_backends,
+    build_chat_ports,
+    limiter_configs,
+    routing_for,
+    stage_config,
+    token_config,
+)
 
 
 class StartupError(Exception):
@@ -295,12 +303,13 @@ class Daemon:
                 raise StartupError(str(exc)) from None
             chat, wikidata = build_chat_ports(s, self.metrics, kinds, redis_client=self._parts.redis_client)
             rt = Runtime(
-                s, metrics=self.metrics, api=api, tokens=tokens, backends=backends, backend_guards=guards,
+                stage_config(s), metrics=self.metrics, api=api, tokens=tokens, backends=backends, backend_guards=guards,
                 limiter=limiter, openai_limiter=openai_limiter, journal=journal, leases=leases,
                 routing=routing_for(s), kinds=kinds, rng=self._parts.rng, wall=self._parts.clock, chat=chat, wikidata=wikidata,
             )
             self.rt = rt
-            self.metrics.watch(rt)  # scrape-time gauges, bounded model label, series at zero
+            # scrape-time gauges, bounded model label, series at zero
+            self.metrics.watch(rt, models=[*s.supported_models, s.default_model])
             try:
                 for b, adapter in backends.items():
                     try:

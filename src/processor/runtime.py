@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from processor.board import Admission, BackendBoard
 from processor.book import Book
-from processor.config import Settings
 from processor.effects.api import ApiError, TaskApi, fault_for_status
 from processor.effects.auth import TokenProvider
 from processor.effects.guard import Guard
@@ -36,6 +36,24 @@ from processor.pure.policy import Action
 from processor.pure.tasks import Backend, Routing
 
 RELEASE_TIMEOUT = 3.0  # the shielded clean-up bound at shutdown
+
+
+@attrs.frozen
+class StageConfig:
+    """What the stages read of the settings (`processor.wiring.stage_config`); the names are
+    the settings' own."""
+
+    intake_capacity: int = 256
+    max_batch_size: int = 64
+    batch_max_wait_ms: int = 50
+    concurrency_limit: int = 5
+    polling_interval_seconds: float = 30.0
+    max_retries: int = 3
+    ollama_max_retries: int = 3
+    retry_backoff_factor: float = 2.0
+    retry_max_delay_seconds: float = 30.0
+    max_task_attempts: int = 5
+    fallback_models: Mapping[str, str] = attrs.field(factory=dict)
 
 
 def api_fault(exc: ApiError) -> Fault:
@@ -61,7 +79,7 @@ def api_retryable(exc: BaseException) -> bool | float:
 class Runtime:
     def __init__(
         self,
-        settings: Settings,
+        config: StageConfig,
         *,
         metrics: Metrics,
         api: TaskApi,
@@ -81,7 +99,7 @@ class Runtime:
     ) -> None:
         from processor.kinds.embedding import EmbeddingKind
 
-        self.s = settings
+        self.s = config  # the stages' settings
         self.metrics = metrics
         self.api = api
         self.tokens = tokens
@@ -97,7 +115,7 @@ class Runtime:
                                budget=BudgetPort(self) if getattr(limiter, "budgets", False) else None)
         self.rng = rng or random.Random()
         self.wall = wall
-        self.book = Book(capacity=settings.intake_capacity, journal=journal, leases=leases, api=api, metrics=metrics,
+        self.book = Book(capacity=config.intake_capacity, journal=journal, leases=leases, api=api, metrics=metrics,
                          refund=self._refund, wall=wall)
         self.stopping = trio.Event()
         self.log = get_logger("daemon")

@@ -32,6 +32,7 @@ from processor.pure.breaker import BreakerConfig
 from processor.pure.faults import Dependency
 from processor.pure.ratelimit import Period
 from processor.pure.tasks import Backend, Routing
+from processor.runtime import StageConfig
 
 if TYPE_CHECKING:
     from processor.daemon import Daemon
@@ -46,6 +47,16 @@ if TYPE_CHECKING:
 def token_config(s: Settings) -> TokenConfig:
     return TokenConfig(token_url=s.oauth2_token_url, client_id=s.oauth2_client_id, client_secret=s.oauth2_client_secret,
                        scope=s.oauth2_scope, auth_method=s.oauth2_auth_method)
+
+
+def stage_config(s: Settings) -> StageConfig:
+    return StageConfig(
+        intake_capacity=s.intake_capacity, max_batch_size=s.max_batch_size, batch_max_wait_ms=s.batch_max_wait_ms,
+        concurrency_limit=s.concurrency_limit, polling_interval_seconds=s.polling_interval_seconds,
+        max_retries=s.max_retries, ollama_max_retries=s.ollama_max_retries, retry_backoff_factor=s.retry_backoff_factor,
+        retry_max_delay_seconds=s.retry_max_delay_seconds, max_task_attempts=s.max_task_attempts,
+        fallback_models=dict(s.fallback_models),
+    )
 
 
 def limiter_configs(s: Settings) -> tuple[LimiterConfig, LimiterConfig]:

@@ -37,6 +37,7 @@ from processor.pure.retry import ErrorKind, classify_status
 from processor.pure.tasks import Backend, Routing
 from processor.runtime import Runtime
 from processor.stages import claim
+from processor.wiring import stage_config
 
 MODEL = "nomic-embed-text"
 WALL0 = 1_800_000_000.0  # the fake wall clock: this epoch second at trio time 0
@@ -317,7 +318,7 @@ def make_world(tmp_path: Any, *, backend: Backend = Backend.MOCK, routing: Routi
     adapters = {backend: emb, **(extra or {})}
     guards = {b: Guard(b.value, BreakerConfig(threshold=5, base_wait=5.0, max_wait=300.0)) for b in adapters}
     rt = Runtime(
-        s, metrics=metrics, api=api, tokens=None, backends=adapters, backend_guards=guards,  # type: ignore[arg-type]
+        stage_config(s), metrics=metrics, api=api, tokens=None, backends=adapters, backend_guards=guards,  # type: ignore[arg-type]
         limiter=lim, openai_limiter=olim, journal=journal, leases=NoLeases(),
         routing=routing or Routing(default_model=MODEL, mock=True), wall=wall,
     )

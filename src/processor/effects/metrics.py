@@ -12,7 +12,7 @@ Some gauges are computed when Prometheus scrapes, from the running daemon's stat
 never freeze while a stage is idle: the outbox's oldest result's age, the age of the backlog
 figure, why the poller is idle (`processor_intake_paused{reason}`), and how many secret values
 the log redactor holds (`processor_redactor_secrets`: a count, never a value). The daemon
-registers its runtime once with `Metrics.watch(rt)`.
+registers its runtime once with `Metrics.watch(rt, models=...)`.
 """
 
 from __future__ import annotations
@@ -191,11 +191,12 @@ class Metrics:
         return OTHER_MODEL
 
     # -- registration by the daemon --------------------------------------------------------
-    def watch(self, rt: Runtime) -> None:
-        """Register the running daemon: its settings bound the model label and pre-create
-        the labelled series; its state feeds the gauges computed at scrape time."""
+    def watch(self, rt: Runtime, *, models: Iterable[str]) -> None:
+        """Register the running daemon: the models its settings name (and the fallbacks)
+        bound the model label and pre-create the labelled series; its state feeds the gauges
+        computed at scrape time."""
         s = rt.s
-        named = [*s.supported_models, s.default_model, *s.fallback_models.keys(), *s.fallback_models.values()]
+        named = [*models, *s.fallback_models.keys(), *s.fallback_models.values()]
         self.set_models(named)
         self._runtime = rt
         self.outbox_oldest.set_function(lambda: _outbox_oldest_age(rt))
