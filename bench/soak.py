@@ -25,6 +25,10 @@ results) and its connection pools fill (keep-alive connections to the task API, 
 Redis). That is bounded; what must not happen is growth with the number of tasks, which shows
 as growth after warm-up.
 
+`--memstats DIR`: each daemon also writes its memory figures (live Python objects, CPython's
+arenas, glibc's heap) every 30 s to DIR/<pid>.jsonl (bench/memstats/sitecustomize.py), to
+tell a growing structure from the allocator's high-water mark.
+
 HOSTILE_DAEMON_SRC=<tree>/src runs another tree's daemon against the same world.
 """
 
@@ -155,6 +159,10 @@ async def soak(args: argparse.Namespace) -> None:
         st.result_check = lambda tid, res: _right(res, text_of.get(tid))
         env: dict[str, str] = {"RATE_LIMIT_ENABLED": "true", "RATE_LIMIT_PER_MINUTE": str(args.limit), "OLLAMA_TIMEOUT": "5",
                                "LOG_LEVEL": "INFO", "POLLING_INTERVAL_SECONDS": "1", "RETRY_MAX_DELAY_SECONDS": "5"}
+        if args.memstats:
+            hook = str(Path(__file__).resolve().parent / "memstats")
+            env.update(SOAK_MEMSTATS_DIR=str(Path(args.memstats).resolve()),
+                       PYTHONPATH=os.pathsep.join(p for p in (hook, DAEMON_SRC or os.environ.get("PYTHONPATH")) if p))
         if redis is not None:
             env.update(STATE_BACKEND="redis", REDIS_URL=f"redis://127.0.0.1:{redis.port}/0", REDIS_KEY_PREFIX=f"soak{args.seed}")
         daemons: list[Daemon] = []
@@ -330,6 +338,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=6.0, help="tasks per second in a burst (average about 0.75x)")
     ap.add_argument("--limit", type=int, default=400, help="RATE_LIMIT_PER_MINUTE")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--memstats", metavar="DIR", default=None, help="each daemon's memory figures every 30 s, to DIR/<pid>.jsonl")
     ap.add_argument("--warmup", type=float, default=None,
                     help="seconds before the growth figures' baseline (default: a tenth of the run, at most 300)")
     trio.run(soak, ap.parse_args())
