@@ -66,6 +66,9 @@ class Book:
         self.computed_at: dict[str, float] = {}  # wall time each result was stored (outbox age)
         self.recent: OrderedDict[str, float] = OrderedDict()
         self.room = trio.Event()
+        # released tasks whose PATCH pending did not get through: `in_progress` at the API,
+        # journal row kept; `stages.recovery.release_left` sends them again
+        self.left: set[str] = set()
 
     # -- questions ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -103,6 +106,7 @@ class Book:
 
     # -- entering -------------------------------------------------------------------------
     def take(self, work: Work) -> None:
+        self.left.discard(work.id)
         self.records[work.id] = lc.Record(work.id)
         self.works[work.id] = work
         self.ports.metrics.in_flight.set(len(self.records))
@@ -116,6 +120,7 @@ class Book:
 
     def take_id(self, task_id: str) -> None:
         """An id without work (a defect reported at intake, a recovered row)."""
+        self.left.discard(task_id)
         self.records[task_id] = lc.Record(task_id)
         self.ports.metrics.in_flight.set(len(self.records))
 
@@ -279,6 +284,7 @@ class Book:
             kept = [i for i in ok if i in uncertain] + failed + cut
             with trio.CancelScope(shield=True):
                 await self.perform(self.fire(sure, Event.RELEASE_OK) + self.fire(kept, Event.RELEASE_FAILED))
+            self.left.update(failed + cut)
         self.ports.metrics.released.labels(reason).inc(len(ok))
         _log.info("claims_released", count=len(ok), release_failed=len(ids) - len(ok), reason=reason)
         return len(ok)

@@ -369,6 +369,7 @@ class Daemon:
                     await result_send.aclose()
                     n.start_soon(report.reporter, rt, result_recv)
                     n.start_soon(self._reclaim_loop, rt)
+                    n.start_soon(recovery.release_left, rt)
                     # On shutdown the poller stops and closes the intake; every later stage
                     # ends when its input channel is closed and drained.
             pipeline_done.set()

@@ -62,3 +62,14 @@ async def test_signals_during_shutdown_never_kill_the_process(world, round_):
             d.signal(signal.SIGTERM)
     code = await d.wait_exit(60)
     assert code == 0, f"exit {code} after repeated SIGTERMs during shutdown\n{d.tail()}"
+
+
+async def test_a_release_the_api_fails_once_is_sent_again(world):
+    world.fake.known_models = ["text-embedding-3-small"]  # any other model: 404, the task is handed back
+    world.sandbox.faults["release"] = Fault(status=500, count=2)
+    world.offer_valid(3, model="text-embedding-3-small")
+    for o in world.offer_valid(2, model="not-served-here", prefix="unserved"):
+        o.expect = "stay"
+    d = await world.start("openai")
+    await world.wait_quiet(40)
+    await assert_holds(world, d, openai=True)

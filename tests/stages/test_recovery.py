@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+import trio
 
 from processor.effects.store import ClaimRow, OutboxRow
 from processor.pure import ratelimit as rl
@@ -64,6 +65,36 @@ async def test_an_orphan_whose_release_fails_keeps_its_row(world: World, autojum
     await recovery.recover(world.rt)
     assert world.journal_ids() == {tid(1)}
     assert len(world.rt.book) == 0
+
+
+async def test_a_release_the_api_did_not_take_is_sent_again_and_refunds_once(world: World, autojump_clock) -> None:
+    await left_behind(world, claims=[claim_row(1), claim_row(2)])
+    world.api.answer(tid(1), "pending", http(502), http(503))
+    await recovery.recover(world.rt)
+    assert world.journal_ids() == {tid(1)} and world.rt.book.left == {tid(1)}
+    async with trio.open_nursery() as n:
+        n.start_soon(recovery.release_left, world.rt)
+        with trio.fail_after(120):
+            while world.journal_ids():
+                await trio.sleep(0.5)
+        world.rt.stopping.set()
+    answers = [p.answer for p in world.api.sent("pending", tid(1))]
+    assert answers[-1] == "ok" and len(answers) == 3, answers
+    assert len(world.rt.book) == 0 and not world.rt.book.left
+    # each row gave its unit back once, at the start, however often its release was sent
+    assert sorted(r.at for r in world.limiter.refunded) == [WALL0 - 30.0, WALL0 - 30.0]
+    assert world.metric("ai_tasks_released_total", reason="release_retry") == 1
+
+
+async def test_a_row_whose_release_failed_refunds_nothing_at_the_next_start(world: World, autojump_clock) -> None:
+    await left_behind(world, claims=[claim_row(1)])
+    world.api.answer(tid(1), "pending", http(502))
+    await recovery.recover(world.rt)  # refunded now; the row stays
+    assert world.journal_ids() == {tid(1)}
+    world.rt.book.left.clear()
+    await recovery.recover(world.rt)  # the next start: released, no second refund
+    assert world.journal_ids() == set()
+    assert [r.at for r in world.limiter.refunded] == [WALL0 - 30.0]
 
 
 async def test_rows_with_a_bad_id_or_state_are_quarantined(world: World, autojump_clock) -> None:

@@ -17,7 +17,7 @@ decide those effects themselves: they fire events and perform what comes back.
                            │   │                                     ▼
                  release_ok│   │release_failed                    COMPUTED ──report_ok──► REPORTED
                            ▼   ▼                                  (outbox)  ──refused──► COMPUTED (failed)
-                       RELEASED  LEFT (journal row kept for the next start)
+                       RELEASED  LEFT (journal row kept: sent again, or at the next start)
 
 `lease_lost` moves any claimed phase to ABANDONED (the result, if any, is not reported).
 Units charged for a task are refunded only while it has never reached a backend; from
@@ -43,7 +43,7 @@ class Phase(enum.Enum):
     RELEASING = "releasing"  # PATCH pending on its way
     REPORTED = "reported"  # the API has the final state
     RELEASED = "released"  # handed back to pending
-    LEFT = "left"  # release failed: the journal row stays for the next start
+    LEFT = "left"  # release failed: the journal row stays (sent again later, or at the next start)
     ABANDONED = "abandoned"  # lease lost: another replica may own it; nothing reported
     DROPPED = "dropped"  # let go before the claim took effect
 
@@ -79,7 +79,7 @@ class Effect(enum.Enum):
     REFUND = "refund"  # give the record's charges back to the limiters
     WRITE_JOURNAL = "write_journal"
     PATCH_IN_PROGRESS = "patch_in_progress"
-    MARK_DISPATCHED = "mark_dispatched"  # persist "reached a backend" in the journal row
+    MARK_DISPATCHED = "mark_dispatched"  # persist "reached a backend" (units settled: never refund again) in the journal row
     WRITE_OUTBOX = "write_outbox"  # store the record's outcome before reporting it
     PATCH_FINAL = "patch_final"  # report the record's outcome
     PATCH_PENDING = "patch_pending"
@@ -115,7 +115,9 @@ TRANSITIONS: Mapping[tuple[Phase, Event], tuple[Phase, tuple[Effect, ...]]] = {
     (Phase.DISPATCHED, Event.RELEASE): (Phase.RELEASING, (E.PATCH_PENDING,)),
     (Phase.DISPATCHED, Event.RETRY_LATER): (Phase.RELEASING, (E.COUNT_ATTEMPT, E.PATCH_PENDING)),
     (Phase.RELEASING, Event.RELEASE_OK): (Phase.RELEASED, (E.DELETE_JOURNAL, E.RELEASE_LEASE, E.FORGET)),
-    (Phase.RELEASING, Event.RELEASE_FAILED): (Phase.LEFT, (E.RELEASE_LEASE, E.FORGET)),
+    # the row stays; marked so that no later release refunds again (its units went back
+    # already, or stay spent)
+    (Phase.RELEASING, Event.RELEASE_FAILED): (Phase.LEFT, (E.MARK_DISPATCHED, E.RELEASE_LEASE, E.FORGET)),
     (Phase.COMPUTED, Event.REPORT_OK): (Phase.REPORTED, (E.DELETE_JOURNAL, E.COMPLETE_LEASE, E.FORGET)),
     (Phase.COMPUTED, Event.REPORT_REFUSED): (Phase.COMPUTED, (E.WRITE_OUTBOX, E.PATCH_FINAL)),
     (Phase.SEEN, Event.RECOVERED_CLAIM): (Phase.CLAIMED, ()),

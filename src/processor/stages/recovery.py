@@ -4,7 +4,9 @@ On start, before new work: outbox rows are delivered first (their results are pa
 may already be applied: they are never released); then journal rows without an outbox row
 are released (PATCH pending). Their units go back only when the row says the task never
 reached a backend. A row that cannot be processed is quarantined (logged, counted, removed),
-never a reason to crash again at every start. Then, periodically, tasks left `in_progress`
+never a reason to crash again at every start. While the daemon runs, a release the API did
+not take (its PATCH pending failed: the task stays `in_progress` there) is sent again, with
+back-off, until it is taken (`release_left`). Then, periodically, tasks left `in_progress`
 by a worker that died without its state are handed back to `pending`.
 """
 
@@ -80,6 +82,39 @@ def _recovered(rt: Runtime, claim: ClaimRow) -> None:
     else:
         reservation = rt.admission.limiter.reservation_at(claim.reserved_at)
         rt.book.fire([claim.task_id], Event.RECOVERED_CLAIM, charges=(("global", reservation),))
+
+
+async def release_left(rt: Runtime, *, every: float = 1.0) -> None:
+    """Send again the releases the API did not take (`Book.left`): each such task is
+    `in_progress` at the API with its journal row kept, and nobody else would hand it back
+    before the stale-claim takeover (RECLAIM_AFTER_SECONDS). Its units were refunded or stay
+    spent already: it comes back as dispatched (no refund). With back-off while they fail;
+    at shutdown the rows stay for the next start."""
+    log = rt.log.bind(component="recovery")
+    failures = 0
+    while not rt.stopping.is_set():
+        with trio.move_on_after(every if failures == 0 else max(every, rt.backoff(failures))):
+            await rt.stopping.wait()
+        book = rt.book
+        ids = sorted(i for i in book.left if book.phase(i) is None)
+        book.left.difference_update(ids)
+        if rt.stopping.is_set() or not ids:
+            continue
+        try:
+            rows = {c.task_id for c in rt.journal.orphan_claims()}
+            ids = await rt.admission.leases.acquire([i for i in ids if i in rows])
+        except Exception as exc:
+            log.warning("release_retry_failed", error=str(exc), count=len(ids))
+            book.left.update(ids)
+            failures += 1
+            continue
+        ids = [i for i in ids if book.phase(i) is None]
+        for i in ids:
+            book.take_id(i)
+            book.fire([i], Event.RECOVERED_DISPATCHED)
+        if ids:
+            released = await book.release(ids, "release_retry")
+            failures = 0 if released == len(ids) else failures + 1
 
 
 async def reclaimer(rt: Runtime, *, interval: float, older_than: float) -> None:
