@@ -71,5 +71,5 @@ async def test_a_release_the_api_fails_once_is_sent_again(world):
     for o in world.offer_valid(2, model="not-served-here", prefix="unserved"):
         o.expect = "stay"
     d = await world.start("openai")
-    await world.wait_quiet(40)
+    await world.wait_quiet()
     await assert_holds(world, d, openai=True)
