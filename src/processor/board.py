@@ -1,7 +1,8 @@
 """What the stages know about their backends and about admission, each in one place.
 
-`BackendBoard`: the adapters, their breakers and retry budgets, and what is known to be
-wrong with them (a backend unusable until a probe works, out of credit, a model this
+`BackendBoard`: the adapters, their breakers and retry budgets, their adaptive request
+limits (sizes, requests in flight, timeouts from each backend's measured speed), and what
+is known to be wrong with them (a backend unusable until a probe works, out of credit, a model this
 deployment cannot serve now). `Admission`: the limiters, the leases, and the pause the
 claimer and the poller share. Task state is not here: it lives in the `Book`.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 import trio
 
+from processor.effects.adaptive import AdaptiveLimits
 from processor.effects.guard import Guard
 from processor.effects.leases import Leases
 from processor.effects.limiter import Limiter
@@ -28,10 +30,12 @@ BUDGET_WHY = {
 
 
 class BackendBoard:
-    def __init__(self, adapters: Mapping[Backend, Any], guards: Mapping[Backend, Guard]) -> None:
+    def __init__(self, adapters: Mapping[Backend, Any], guards: Mapping[Backend, Guard], *,
+                 adaptive: AdaptiveLimits | None = None) -> None:
         self.adapters = dict(adapters)
         self.guards = dict(guards)
         self.budgets = {b: Budget() for b in guards}
+        self.adaptive = adaptive  # per (backend, model) request limits; None: fixed sizes, no slots
         self.down: dict[Backend, str] = {}  # configuration / credentials / unreachable: until a probe works
         self.quota: dict[Backend, str] = {}  # out of credit
         self.unusable_models: dict[str, tuple[str, float]] = {}  # model -> (why, trio time)

@@ -25,6 +25,7 @@ import trio
 
 import processor
 from processor.config import Settings, StateBackend
+from processor.effects.adaptive import AdaptiveLimits
 from processor.effects.api import TaskApi
 from processor.effects.asgi import serve_asgi
 from processor.effects.auth import TokenProvider
@@ -306,6 +307,7 @@ class Daemon:
                 stage_config(s), metrics=self.metrics, api=api, tokens=tokens, backends=backends, backend_guards=guards,
                 limiter=limiter, openai_limiter=openai_limiter, journal=journal, leases=leases,
                 routing=routing_for(s), kinds=kinds, rng=self._parts.rng, wall=self._parts.clock, chat=chat, wikidata=wikidata,
+                adaptive=AdaptiveLimits.from_settings(s),
             )
             self.rt = rt
             # scrape-time gauges, bounded model label, series at zero

@@ -18,6 +18,7 @@ import trio
 
 from processor.board import Admission, BackendBoard
 from processor.book import Book
+from processor.effects.adaptive import AdaptiveLimits
 from processor.effects.api import ApiError, TaskApi, fault_for_status
 from processor.effects.auth import TokenProvider
 from processor.effects.guard import Guard
@@ -96,6 +97,7 @@ class Runtime:
         wikidata: Any = None,
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
+        adaptive: AdaptiveLimits | None = None,
     ) -> None:
         from processor.kinds.embedding import EmbeddingKind
 
@@ -104,7 +106,9 @@ class Runtime:
         self.api = api
         self.tokens = tokens
         self.journal = journal
-        self.board = BackendBoard(backends, backend_guards)
+        if adaptive is None:  # the configured timeouts come from the composition root (`AdaptiveLimits.from_settings`)
+            adaptive = AdaptiveLimits(max_items=config.max_batch_size, max_in_flight=config.concurrency_limit, timeouts={})
+        self.board = BackendBoard(backends, backend_guards, adaptive=adaptive)
         self.admission = Admission(limiter, openai_limiter, leases)
         self.api_budget = Budget()
         self.routing = routing

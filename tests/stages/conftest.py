@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from processor.config import Settings, load_settings
+from processor.effects.adaptive import AdaptiveLimits
 from processor.effects.api import ApiError
 from processor.effects.backends.base import EmbedResult, RequestLimits
 from processor.effects.guard import Guard
@@ -139,7 +140,10 @@ class FakeApi:
 class FakeEmbedder:
     """An embedding backend. `faults` are raised per call, in order (None: answer);
     `poison` maps a word to the fault of every call whose texts contain it; texts in
-    `malformed` get a vector with a NaN; `before(texts)` runs first (to order tasks)."""
+    `malformed` get a vector with a NaN; `before(texts)` runs first (to order tasks).
+    A call takes `latency + per_char * characters` seconds; `serial`: one call computed at
+    a time, in arrival order (a CPU server). It records every call's texts, the timeout it
+    was given, and the most calls it had out at once."""
 
     name = "fake"
 
@@ -155,6 +159,12 @@ class FakeEmbedder:
         self.answer_dim = dim  # the size of the vectors it answers (another size: DIMENSION)
         self.retry_after: float | None = None  # what a RATE_LIMITED answer asks for
         self.before: Callable[[Sequence[str]], Awaitable[None]] | None = None
+        self.per_char = 0.0
+        self.serial = False
+        self.timeouts: list[float | None] = []
+        self.out = 0  # calls being answered now
+        self.most_out = 0
+        self._turn = trio.Lock()
 
     def limits(self, model: str) -> RequestLimits:
         return RequestLimits(self.max_items, max_input_tokens=self.max_input_tokens)
@@ -170,10 +180,23 @@ class FakeEmbedder:
 
     async def embed(self, model: str, texts: Sequence[str], *, timeout: float | None = None) -> EmbedResult:
         self.calls.append(list(texts))
+        self.timeouts.append(timeout)
+        self.out += 1
+        self.most_out = max(self.most_out, self.out)
+        try:
+            return await self._answer(model, texts)
+        finally:
+            self.out -= 1
+
+    async def _answer(self, model: str, texts: Sequence[str]) -> EmbedResult:
         if self.before is not None:
             await self.before(texts)
-        if self.latency:
-            await trio.sleep(self.latency)
+        cost = self.latency + self.per_char * sum(len(t) for t in texts)
+        if cost and self.serial:
+            async with self._turn:
+                await trio.sleep(cost)
+        elif cost:
+            await trio.sleep(cost)
         fault = self.faults.pop(0) if self.faults else None
         if fault is None:
             fault = next((f for word, f in self.poison.items() if any(word in t for t in texts)), None)
@@ -293,6 +316,9 @@ class World:
         self.journal.db.close()
 
 
+COLD_FULL = -1  # make_world: the first request may be a full batch
+
+
 def settings_for(tmp_path: Any, **env: Any) -> Settings:
     base = {
         "API_BASE_URL": "http://127.0.0.1:9", "OAUTH2_TOKEN_URL": "http://127.0.0.1:9/token",
@@ -306,8 +332,15 @@ def settings_for(tmp_path: Any, **env: Any) -> Settings:
 
 def make_world(tmp_path: Any, *, backend: Backend = Backend.MOCK, routing: Routing | None = None,
                embedder: FakeEmbedder | None = None, extra: dict[Backend, FakeEmbedder] | None = None,
-               **env: Any) -> World:
-    """A runtime whose backend `backend` is `embedder` (and `extra` ones, each with its guard)."""
+               cold_items: int | None = COLD_FULL, **env: Any) -> World:
+    """A runtime whose backend `backend` is `embedder` (and `extra` ones, each with its guard).
+
+    `cold_items`: the first request's size while a backend's speed is unknown
+    (`processor.pure.adaptive`). By default as large as MAX_BATCH_SIZE, so that a test sees
+    the batch shapes of the behaviour it is about, not the adaptive ramp; None keeps the
+    daemon's default (tests of the ramp itself)."""
+    if cold_items == COLD_FULL:
+        cold_items = settings_for(tmp_path, **env).max_batch_size
     s = settings_for(tmp_path, **env)
     (tmp_path / "state").mkdir(exist_ok=True)
     metrics = Metrics()
@@ -322,6 +355,7 @@ def make_world(tmp_path: Any, *, backend: Backend = Backend.MOCK, routing: Routi
         limiter=lim, openai_limiter=olim, journal=journal, leases=NoLeases(),
         routing=routing or Routing(default_model=MODEL, mock=True), wall=wall,
     )
+    rt.board.adaptive = AdaptiveLimits.from_settings(s, **({} if cold_items is None else {"cold_items": cold_items}))
     return World(rt, api, emb, lim, olim, journal, metrics, backend)
 
 
@@ -347,6 +381,20 @@ async def claim_all(w: World, works: Sequence[Work]) -> list[Work]:
         async for x in out_r:
             out.append(x)
     return sorted(out, key=lambda x: [y.id for y in works].index(x.id))
+
+
+async def measure(w: World, *, first: int = 1_000_000) -> int:
+    """Have the world's backend answer one batch (ids from `first`) so that its adaptive
+    limiter has measured its speed: a backend not measured yet gets one request at a time,
+    a measured, fast one more. Returns the requests it may now have out at once."""
+    from processor.stages import embed
+
+    works = await claim_all(w, [w.work(first + i) for i in range(2)])
+    send, recv = trio.open_memory_channel[list[str]](10)
+    await embed.compute_batch(w.rt, works, send)
+    assert sorted(drain(recv)) == sorted(x.id for x in works)
+    assert w.rt.board.adaptive is not None
+    return w.rt.board.adaptive.get(w.backend, MODEL).plan().max_in_flight
 
 
 def drain(recv: trio.MemoryReceiveChannel[list[str]]) -> list[str]:

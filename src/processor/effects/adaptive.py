@@ -11,7 +11,13 @@ timeouts that follow the backend's measured speed.
     # nothing. `slot.record(Outcome...)` inside the block overrides that.
 
 Only the backend call belongs inside the slot: back-off sleeps, outbox writes and reports
-happen outside it, or they would hold a request slot without a request.
+happen outside it, or they would hold a request slot without a request (and a split's
+halves would wait for the slot their parent still holds).
+
+Without `async with`: `slot = await limiter.acquire()` returns a slot already granted
+(size the request from it at the moment it may go out), and `slot.finish(exc)` records
+the outcome and gives the slot back; `finish` is idempotent, so a caller can hand a held
+slot on and still `finish()` it in a `finally` for the case nobody used it.
 
 The number of slots is a `trio.CapacityLimiter` whose size is set from the controller's
 decision whenever it changes (when it shrinks, requests already out finish; no new one
@@ -67,6 +73,7 @@ class Slot:
         self.started_at: float | None = None
         self.outcome: ad.Outcome | None = None
         self.timeout: float | None = None
+        self._held = False
 
     @property
     def max_items(self) -> int:
@@ -100,14 +107,27 @@ class Slot:
         if outcome is not None:
             self.outcome = outcome
 
-    async def __aenter__(self) -> Slot:
-        await self._limiter._acquire(self._token)
-        self.decision = self._limiter.plan()  # fresh: it may have changed while waiting
-        return self
+    @property
+    def held(self) -> bool:
+        """Granted and not finished yet."""
+        return self._held
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    @property
+    def used(self) -> bool:
+        """A request went out under this slot (`start` was called)."""
+        return self.started_at is not None
+
+    async def _enter(self) -> None:
+        await self._limiter._acquire(self._token)
+        self._held = True
+        self.decision = self._limiter.plan()  # fresh: it may have changed while waiting
+
+    def finish(self, exc: BaseException | None = None) -> None:
+        """Record how the request ended (`exc`: what it raised, None: it succeeded) and give
+        the slot back. Only the first call counts; a slot never `start`ed records nothing."""
+        if not self._held:
+            return
+        self._held = False
         try:
             if self.started_at is not None:
                 outcome = self.outcome
@@ -118,13 +138,24 @@ class Slot:
         finally:
             self._limiter._release(self._token)
 
+    async def __aenter__(self) -> Slot:
+        await self._enter()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.finish(exc)
+
 
 class AdaptiveLimiter:
     """Slots, sizes and timeouts for one (backend, model)."""
 
-    def __init__(self, cfg: ad.Config, *, name: str = "", clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(self, cfg: ad.Config, *, name: str = "", clock: Callable[[], float] = trio.current_time,
+                 extra_time: float = 0.0) -> None:
         self.cfg = cfg
         self.name = name
+        self.extra_time = extra_time  # seconds a call may take beyond its timeout (e.g. Ollama pulling the model)
         self.clock = clock
         self.state = ad.initial(cfg)
         self._slots = trio.CapacityLimiter(1)
@@ -166,6 +197,13 @@ class AdaptiveLimiter:
     def slot(self) -> Slot:
         return Slot(self)
 
+    async def acquire(self) -> Slot:
+        """Wait for a slot and return it granted (cancellable: then nothing is held).
+        The caller must `finish()` it."""
+        slot = Slot(self)
+        await slot._enter()
+        return slot
+
     @property
     def in_flight(self) -> int:
         return self._slots.borrowed_tokens
@@ -197,13 +235,17 @@ class AdaptiveLimits:
     """One `AdaptiveLimiter` per (backend, model), made on first use.
 
     `timeouts` maps a backend to its configured timeout (the cap, and the timeout while the
-    speed is unknown); `default_timeout` serves backends not in it.
+    speed is unknown); `default_timeout` serves backends not in it. `extra_time` maps a
+    backend to the seconds one of its calls may legitimately take beyond its timeout (an
+    Ollama call may pull its model first: OLLAMA_MODEL_DOWNLOAD_TIMEOUT).
     """
 
     def __init__(
         self, *, max_items: int, max_in_flight: int, timeouts: Mapping[Hashable, float], default_timeout: float = 60.0,
-        clock: Callable[[], float] = trio.current_time, **overrides: Any,
+        clock: Callable[[], float] = trio.current_time, extra_time: Mapping[Hashable, float] | None = None,
+        **overrides: Any,
     ) -> None:
+        self._extra_time = dict(extra_time or {})
         self._max_items = max_items
         self._max_in_flight = max_in_flight
         self._timeouts = dict(timeouts)
@@ -219,7 +261,7 @@ class AdaptiveLimits:
         return cls(
             max_items=s.max_batch_size, max_in_flight=s.concurrency_limit,
             timeouts={Backend.OLLAMA: s.ollama_timeout, Backend.OPENAI: s.openai_timeout, Backend.MOCK: s.openai_timeout},
-            **overrides,
+            extra_time={Backend.OLLAMA: s.ollama_model_download_timeout}, **overrides,
         )
 
     def get(self, backend: Hashable, model: str, *, max_items: int | None = None) -> AdaptiveLimiter:
@@ -240,7 +282,8 @@ class AdaptiveLimits:
                 timeout_cap=cap, **self._overrides,
             )
             name = f"{getattr(backend, 'value', backend)}/{model}"
-            lim = AdaptiveLimiter(cfg, name=name, clock=self._clock)
+            extra = self._extra_time.get(backend, 0.0)
+            lim = AdaptiveLimiter(cfg, name=name, clock=self._clock, extra_time=extra if math.isfinite(extra) and extra > 0 else 0.0)
         self._limiters[key] = lim  # (re)inserted last: the dict is in order of use
         return lim
 

@@ -4,6 +4,14 @@ check the answer, and hand the outcomes to the reporter (outbox first).
 What to do after an error is not decided here: `processor.pure.policy` maps the adapter's
 (dependency, fault) to an action, and `carry_out` performs it. Retries go through the one
 retry primitive with the backend's budget (deposited on every call, spent on every retry).
+
+Embedding calls are sized by the backend's measured speed (`processor.pure.adaptive`,
+carried out by `processor.effects.adaptive`, one limiter per (backend, model)): a batch
+is cut into requests when a request slot is granted, as large as the limiter allows
+then; each request carries the limiter's timeout, and is bounded here too (`backstop`)
+whatever the adapter does with it. The slot is held only for the call itself: back-off
+sleeps, splits, outbox writes and releases happen outside it. At shutdown a request that
+has not got its slot yet is not sent: its tasks are handed back.
 """
 
 from __future__ import annotations
@@ -12,11 +20,12 @@ from collections.abc import Hashable, Sequence
 
 import trio
 
+from processor.effects.adaptive import AdaptiveLimiter, Slot
 from processor.effects.retrying import retrying
 from processor.kinds.base import Computed, TaskKind, Work
 from processor.pure import batching, policy
 from processor.pure.breaker import Outcome as BreakerOutcome
-from processor.pure.faults import DependencyError, Fault
+from processor.pure.faults import Dependency, DependencyError, Fault
 from processor.pure.lifecycle import Event, Outcome
 from processor.pure.policy import Action
 from processor.pure.tasks import Backend
@@ -24,6 +33,7 @@ from processor.runtime import Runtime
 from processor.stages import budget
 
 OPERATION_DEADLINE = 300.0
+BACKSTOP_MIN = 10.0  # seconds: the least a call may outlive the timeout it was given
 
 
 async def batcher(rt: Runtime, claimed: trio.MemoryReceiveChannel[Work], batches: trio.MemorySendChannel[batching.Batch[Work]]) -> None:
@@ -80,18 +90,107 @@ async def compute_batch(rt: Runtime, works: list[Work], results: trio.MemorySend
             works = [w for w in works if w.id not in defects]
     if not works:
         return
+    await compute_sized(rt, kind, works, results)
+
+
+async def compute_sized(rt: Runtime, kind: TaskKind, works: list[Work], results: trio.MemorySendChannel[list[str]]) -> None:
+    """Cut `works` (one group key) into backend calls: the kind's `max_group`, and for an
+    adaptively sized kind what the limiter allows when each request's slot is granted."""
     limit = max(1, kind.max_group(works[0], rt.ports))
-    for i in range(0, len(works), limit):
-        await compute_group(rt, kind, works[i : i + limit], results)
+    lim = limiter_for(rt, kind, works[0], limit)
+    if lim is None:
+        for i in range(0, len(works), limit):
+            await compute_group(rt, kind, works[i : i + limit], results)
+        return
+    remaining = works
+    while remaining:
+        slot = await _slot_unless_stopping(rt, lim)
+        if slot is None:  # shutting down: what has not gone out goes back
+            await rt.book.release([w.id for w in remaining], "shutdown")
+            return
+        try:
+            chunk, remaining = slot.take(remaining, size=_chars)
+            if len(chunk) > limit:
+                chunk, remaining = chunk[:limit], chunk[limit:] + remaining
+            await compute_group(rt, kind, chunk, results, slot=slot)
+        finally:
+            slot.finish()  # not used (the breaker refused the group): given back, nothing recorded
 
 
-async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results: trio.MemorySendChannel[list[str]]) -> None:
+def limiter_for(rt: Runtime, kind: TaskKind, work: Work, limit: int) -> AdaptiveLimiter | None:
+    """The adaptive limiter of the work's (backend, model); None for kinds it does not size
+    (chat calls are one task each, bounded by their own timeouts)."""
+    limits = rt.board.adaptive
+    if limits is None or kind.dependency is not Dependency.EMBEDDING:
+        return None
+    return limits.get(work.backend, work.model, max_items=limit)
+
+
+def _chars(w: Work) -> int:
+    return len(w.text)
+
+
+async def _slot_unless_stopping(rt: Runtime, lim: AdaptiveLimiter) -> Slot | None:
+    """A granted request slot, or None once the daemon is stopping (the wait ends then)."""
+    if rt.stopping.is_set():
+        return None
+    got: Slot | None = None
+    async with trio.open_nursery() as n:
+        async def stop() -> None:
+            await rt.stopping.wait()
+            n.cancel_scope.cancel()
+
+        n.start_soon(stop)
+        got = await lim.acquire()
+        n.cancel_scope.cancel()
+    if got is not None and rt.stopping.is_set():
+        got.finish()
+        return None
+    return got
+
+
+def backstop(lim: AdaptiveLimiter, timeout: float) -> float:
+    """How long a call given `timeout` may take before the stage gives up on it: adapters
+    bound their own requests, but a body that drips, a hung fake or a plug-in may not; and
+    a call may have legitimate work before its request (`extra_time`: Ollama pulling the
+    model, OLLAMA_MODEL_DOWNLOAD_TIMEOUT)."""
+    return 2 * timeout + BACKSTOP_MIN + lim.extra_time
+
+
+async def _call(rt: Runtime, kind: TaskKind, works: list[Work], lim: AdaptiveLimiter | None,
+                held: list[Slot]) -> Sequence[Computed | DependencyError]:
+    """One backend call; under a request slot (the one handed over in `held`, else a new
+    one) when the kind is sized adaptively."""
+    if lim is None:
+        return await kind.compute(rt.ports, works)
+    slot = held.pop() if held else await lim.acquire()
+    try:
+        timeout = slot.start(len(works), sum(_chars(w) for w in works))
+        backend, model = works[0].backend, works[0].model
+        with trio.move_on_after(backstop(lim, timeout)) as scope:
+            answers = await kind.compute(rt.ports, works, timeout=timeout)
+        if scope.cancelled_caught:
+            raise DependencyError(f"{backend.value}/{model}: no answer within {backstop(lim, timeout):g}s "
+                                  f"(the request's timeout was {timeout:g}s)", Fault.TIMEOUT)
+    except BaseException as exc:
+        slot.finish(exc)
+        raise
+    slot.finish()
+    return answers
+
+
+async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results: trio.MemorySendChannel[list[str]],
+                        *, slot: Slot | None = None) -> None:
+    """One group's call with its retries. `slot`: a request slot already granted for it
+    (its first attempt uses it; every later one waits for its own)."""
     backend, model = works[0].backend, works[0].model
     guard = rt.board.guards[backend]
     log = rt.log.bind(component="compute", backend=backend.value, model=model, type=works[0].type)
     if not guard.allow():
         await rt.book.release([w.id for w in works], "backend_unavailable")
         return
+    lim = limiter_for(rt, kind, works[0], max(1, kind.max_group(works[0], rt.ports)))
+    held = [slot] if slot is not None and slot.held and not slot.used else []
     started = trio.current_time()
     billed = [False]  # an attempt that failed may have been billed (no answer, a 5xx): reservations stay
     await rt.book.move([w.id for w in works if rt.book.phase(w.id) is not None], Event.DISPATCH)
@@ -121,7 +220,7 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
                                       timeout=OPERATION_DEADLINE, factor=rt.s.retry_backoff_factor,
                                       cap=rt.s.retry_max_delay_seconds, budget=rt.board.budgets[backend], rng=rt.rng):
             with attempt:
-                answers = await kind.compute(rt.ports, works)
+                answers = await _call(rt, kind, works, lim, held)
     except DependencyError as exc:
         rt.metrics.backend_requests.labels(backend.value, model, exc.fault.value).inc()
         await carry_out(rt, kind, works, exc, results, started)
@@ -162,8 +261,9 @@ async def carry_out(rt: Runtime, kind: TaskKind, works: list[Work], exc: Depende
     if action is Action.SPLIT:
         left, right = batching.halves(works)
         log.info("batch_split", fault=exc.fault.value, size=len(works))
-        await compute_group(rt, kind, list(left), results)
-        await compute_group(rt, kind, list(right), results)
+        # each half as the limiter sizes requests now (after a timeout: smaller still)
+        await compute_sized(rt, kind, list(left), results)
+        await compute_sized(rt, kind, list(right), results)
     elif action is Action.FAIL_TASK:
         await send(rt, results, {i: Outcome.failure(str(exc)[:500]) for i in ids})
     elif action is Action.BACKEND_UNUSABLE:
