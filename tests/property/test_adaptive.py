@@ -264,3 +264,83 @@ def test_a_pause_longer_than_stale_after_goes_back_to_one_request_and_the_cap(cf
     d = ad.decide(cfg, s, later)
     assert d.max_in_flight == 1 and not d.measured
     assert ad.timeout_for(cfg, s, d.max_items, d.max_items * 10, later) == cfg.timeout_cap
+
+
+# -- what the shell relies on ------------------------------------------------------------------
+
+
+def _fold(cfg: ad.Config, obs) -> tuple[ad.State, float]:
+    s = ad.initial(cfg)
+    now = 0.0
+    for items, chars, outcome, e, d in obs:
+        now += d
+        s = ad.observe(cfg, s, ad.Observation(items, chars, outcome, e, now))
+    return s, now
+
+
+sized_observations = st.tuples(
+    st.integers(-3, 300),  # items: about the decisions' sizes
+    st.integers(-10, 10**6),
+    st.sampled_from(list(Outcome)),
+    st.one_of(st.floats(0, 30), weird),
+    st.floats(0, 200),
+)
+
+
+@settings(max_examples=300)
+@given(cfg=configs, obs=st.lists(sized_observations, max_size=40))
+def test_requests_grow_only_from_a_size_that_was_proven(cfg, obs):
+    """At most twice the largest request that succeeded within the target (or the cold size):
+    the daemon never jumps from two texts to MAX_BATCH_SIZE on a guess."""
+    s = ad.initial(cfg)
+    now = 0.0
+    proven = min(cfg.cold_items, cfg.max_items)
+    for items, chars, outcome, e, d in obs:
+        now += d
+        s = ad.observe(cfg, s, ad.Observation(items, chars, outcome, e, now))
+        elapsed = e if math.isfinite(e) and e > ad.MIN_ELAPSED else ad.MIN_ELAPSED
+        if outcome is Outcome.SUCCESS and elapsed <= ad.target(cfg):
+            proven = max(proven, min(cfg.max_items, 2 * max(1, items)))
+        assert ad.decide(cfg, s, now).max_items <= max(1, proven)
+
+
+@settings(max_examples=300)
+@given(cfg=configs, obs=st.lists(st.tuples(st.integers(-3, 10_000), st.integers(-10, 10**9),
+                                           st.sampled_from([Outcome.BUSY, Outcome.ERROR]),
+                                           st.one_of(st.floats(0, 1000), weird), st.floats(0, 5000)), max_size=30))
+def test_busy_and_other_errors_measure_nothing(cfg, obs):
+    """Only an answer (or a timeout, which bounds the speed) measures: until then one request
+    at a time, the configured timeout, no character budget."""
+    s, now = _fold(cfg, obs)
+    d = ad.decide(cfg, s, now)
+    assert s.rate is None and not d.measured
+    assert d.max_in_flight == 1 and math.isinf(d.max_chars) and d.max_items <= max(1, min(cfg.cold_items, cfg.max_items))
+    assert ad.timeout_for(cfg, s, d.max_items, 10**6, now) == cfg.timeout_cap
+    assert ad.items_per_second(cfg, s) is None
+
+
+@settings(max_examples=300)
+@given(cfg=configs, obs=st.lists(observations, min_size=1, max_size=40), share=st.floats(0, 1), items_share=st.floats(0, 1))
+def test_a_request_within_the_decision_is_never_cut_by_the_configured_timeout(cfg, obs, share, items_share):
+    """Once measured, any request the decision allows is expected within the target, and its
+    timeout leaves `factor x expected + margin` (the cap is never what bounds it)."""
+    assume(cfg.timeout_cap >= cfg.timeout_margin + cfg.timeout_factor * ad.MIN_TARGET)
+    s, now = _fold(cfg, obs)
+    d = ad.decide(cfg, s, now)
+    assume(d.measured and s.rate is not None and s.rate * ad.target(cfg) >= 1)
+    items = max(1, int(d.max_items * items_share))
+    chars = int(d.max_chars * share)
+    expected = ad.expected_seconds(cfg, s, items, chars)
+    assert expected is not None and expected <= ad.target(cfg) * (1 + 1e-9)
+    t = ad.timeout_for(cfg, s, items, chars, now)
+    assert t >= min(cfg.timeout_cap, cfg.timeout_factor * expected + cfg.timeout_margin) - 1e-9
+    assert cfg.timeout_factor * expected + cfg.timeout_margin <= cfg.timeout_cap * (1 + 1e-9)
+
+
+@settings(max_examples=300)
+@given(cfg=configs, obs=st.lists(observations, max_size=30), a=st.integers(0, 10**7), b=st.integers(0, 10**7),
+       items=st.integers(1, 256))
+def test_a_larger_request_never_gets_a_shorter_timeout(cfg, obs, a, b, items):
+    s, now = _fold(cfg, obs)
+    small, large = sorted((a, b))
+    assert ad.timeout_for(cfg, s, items, small, now) <= ad.timeout_for(cfg, s, items, large, now)
