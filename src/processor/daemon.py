@@ -191,6 +191,8 @@ class Daemon:
             "models_unservable": dict(rt.unservable),
             # token / spend budgets: models whose tasks stay pending, per reason (no_price, too_big)
             "models_budget_refused": {k: dict(v) for k, v in rt.board.budget_refused.items()},
+            # per backend/model: what was measured and what is allowed now (requests, sizes)
+            "adaptive": rt.board.adaptive.snapshot() if rt.board.adaptive is not None else {},
         }
 
     def _guards(self) -> list[Guard]:

@@ -8,7 +8,11 @@ rate-limit store (`FakeLimiter`); one replica needs no leases (`NoLeases`).
 
 Virtual time and threads: SQLite calls run on a worker thread, and while the run loop waits
 for one the autojump clock jumps to the next deadline. Tests that need an order between two
-tasks therefore use events (`FakeEmbedder.before`), never racing timers.
+tasks therefore use events (`FakeEmbedder.before`), never racing timers. A backend call
+held open by such an event still has a deadline (the stage bounds every call): a test that
+does journal work meanwhile sets `autojump_clock.autojump_threshold = IO_SETTLE`, so that
+the clock jumps only once the run loop has been idle that long in real time, never while a
+thread is still writing (trio's advice for tests with I/O in flight).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from processor.stages import claim
 from processor.wiring import stage_config
 
 MODEL = "nomic-embed-text"
+IO_SETTLE = 1.0  # real seconds the run loop must be idle before the autojump clock jumps (see above)
 WALL0 = 1_800_000_000.0  # the fake wall clock: this epoch second at trio time 0
 
 

@@ -17,7 +17,7 @@ import trio
 from processor.pure import adaptive as ad
 from processor.pure.lifecycle import Phase
 from processor.stages import embed
-from tests.stages.conftest import MODEL, World, claim_all, drain, make_world, tid
+from tests.stages.conftest import IO_SETTLE, MODEL, World, claim_all, drain, make_world, tid
 
 TEXT = 2000  # characters per text: one second each on the slow server
 SLOW = 1 / 2000  # seconds per character: 1 s per 2,000-character text
@@ -138,6 +138,7 @@ async def test_a_call_that_never_answers_ends_by_the_stages_own_bound_and_frees_
 
 
 async def test_at_shutdown_a_request_still_waiting_for_its_slot_is_not_sent(slow: World, autojump_clock) -> None:
+    autojump_clock.autojump_threshold = IO_SETTLE  # a call held open while the journal is written
     send, recv = trio.open_memory_channel[list[str]](1000)
     entered, gate = trio.Event(), trio.Event()
 

@@ -19,7 +19,7 @@ from processor.pure.faults import Fault
 from processor.pure.lifecycle import Phase
 from processor.pure.tasks import Backend
 from processor.stages import embed
-from tests.stages.conftest import MODEL, World, claim_all, drain, make_world, measure, tid
+from tests.stages.conftest import IO_SETTLE, MODEL, World, claim_all, drain, make_world, measure, tid
 
 
 @pytest.fixture
@@ -225,7 +225,8 @@ async def test_a_malformed_answer_for_one_task_hands_that_task_back_counted(tmp_
 
 async def _round(w: World, poison: Work, good: Work | None, lane) -> None:
     """One claim + compute of the poison task; `good` (if any) is answered by the same
-    backend while the poison call is in flight."""
+    backend while the poison call is in flight (held open by an event, with journal work
+    meanwhile: the callers' clocks jump only after IO_SETTLE of real idleness)."""
     entered, gate = trio.Event(), trio.Event()
 
     async def before(texts: Sequence[str]) -> None:
@@ -247,6 +248,7 @@ async def _round(w: World, poison: Work, good: Work | None, lane) -> None:
 async def test_retry_later_counts_only_when_the_backend_answered_others_and_fails_past_the_bound(
     tmp_path, lane, autojump_clock
 ) -> None:
+    autojump_clock.autojump_threshold = IO_SETTLE
     w = make_world(tmp_path, MAX_TASK_ATTEMPTS=3)
     w.embedder.poison = {"POISON": Fault.SERVER}
     poison = w.work(99, "a POISON pill")
@@ -268,6 +270,7 @@ async def test_retry_later_counts_only_when_the_backend_answered_others_and_fail
 
 
 async def test_retry_later_without_other_answers_never_counts_nor_fails(tmp_path, lane, autojump_clock) -> None:
+    autojump_clock.autojump_threshold = IO_SETTLE
     w = make_world(tmp_path, MAX_TASK_ATTEMPTS=2)
     w.embedder.poison = {"POISON": Fault.SERVER}
     poison = w.work(99, "a POISON pill")

@@ -194,8 +194,10 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
     started = trio.current_time()
     billed = [False]  # an attempt that failed may have been billed (no answer, a 5xx): reservations stay
     await rt.book.move([w.id for w in works if rt.book.phase(w.id) is not None], Event.DISPATCH)
+    busy = 0
 
     def on(exc: BaseException) -> bool | float:
+        nonlocal busy
         if not isinstance(exc, DependencyError):
             return False
         billed[0] = billed[0] or exc.fault not in budget.NOT_BILLED
@@ -212,6 +214,11 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
         if r.action is Action.RETRY and guard.allow():
             rt.metrics.retries.labels(backend.value, exc.fault.value).inc()
             log.info("backend_retry", fault=exc.fault.value, error=str(exc))
+            if exc.fault is Fault.BUSY and lim is not None:
+                # a busy server is slowed down for by the adaptive limiter (requests in
+                # flight halved), not by the retry budget: the wait is paced (no spending)
+                busy += 1
+                return exc.retry_after if exc.retry_after is not None else rt.backoff(busy)
             return True
         return False
 
