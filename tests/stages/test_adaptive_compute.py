@@ -199,3 +199,24 @@ def test_the_stage_bound_is_above_the_request_timeout(tmp_path) -> None:
             if backend is Backend.OLLAMA:  # a call may pull its model first
                 assert b >= s.ollama_model_download_timeout + t
     assert ad.Config(max_items=1, max_in_flight=1, timeout_cap=1.0).cold_items == 2
+
+
+async def test_an_adapter_without_a_per_call_timeout_is_still_served(tmp_path, autojump_clock) -> None:
+    """An older or plug-in adapter whose `embed` takes no `timeout=`: called without one
+    (the stage's own bound still applies), never taken for a malformed answer."""
+    from processor.kinds.embedding import takes_timeout
+    from tests.stages.conftest import FakeEmbedder
+
+    class Older(FakeEmbedder):
+        async def embed(self, model: str, texts: Sequence[str]):  # type: ignore[override]
+            return await super().embed(model, texts)
+
+    w = make_world(tmp_path, embedder=Older(), cold_items=None)
+    send, recv = trio.open_memory_channel[list[str]](100)
+    try:
+        assert not takes_timeout(w.embedder) and takes_timeout(FakeEmbedder())
+        await _compute(w, [w.work(i) for i in range(6)], send)
+        assert len(drain(recv)) == 6 and w.embedder.timeouts == [None] * len(w.embedder.calls)
+        assert w.api.sent("pending") == []
+    finally:
+        w.close()

@@ -7,6 +7,7 @@ model applies). Tasks of the same backend and model share a call; the answer is 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Hashable, Sequence
 
 from processor.kinds.base import Computed, Content, Defect, KindPorts, Usage, Work, priced_model
@@ -100,9 +101,9 @@ class EmbeddingKind:
         adapter = ports.embedding[w.backend]
         texts = self.texts(works, ports)
         try:
-            if timeout is not None:
+            if timeout is not None and takes_timeout(adapter):
                 result = await adapter.embed(w.model, texts, timeout=timeout)
-            else:
+            else:  # an adapter without a per-call timeout: the stage still bounds the call
                 result = await adapter.embed(w.model, texts)
         except DependencyError:
             raise
@@ -110,6 +111,24 @@ class EmbeddingKind:
             raise _as_dependency_error(exc) from None
         tokens = getattr(result, "prompt_tokens", None)
         return check(adapter, w, works, result.vectors, Usage(tokens) if isinstance(tokens, int) else None)
+
+
+_TAKES_TIMEOUT: dict[type, bool] = {}
+
+
+def takes_timeout(adapter: object) -> bool:
+    """Whether the adapter's `embed` takes `timeout=` (the protocol's; older or plug-in
+    adapters may not)."""
+    kind = type(adapter)
+    known = _TAKES_TIMEOUT.get(kind)
+    if known is None:
+        try:
+            params = inspect.signature(adapter.embed).parameters  # type: ignore[attr-defined]
+            known = "timeout" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        except (TypeError, ValueError):
+            known = False
+        _TAKES_TIMEOUT[kind] = known
+    return known
 
 
 def check(adapter: object, first: Work, works: Sequence[Work], raw: Sequence[object],
