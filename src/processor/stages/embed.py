@@ -17,6 +17,7 @@ has not got its slot yet is not sent: its tasks are handed back.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import trio
 
@@ -192,35 +193,8 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
     lim = limiter_for(rt, kind, works[0], max(1, kind.max_group(works[0], rt.ports)))
     held = [slot] if slot is not None and slot.held and not slot.used else []
     started = trio.current_time()
-    billed = [False]  # an attempt that failed may have been billed (no answer, a 5xx): reservations stay
     await rt.book.move([w.id for w in works if rt.book.phase(w.id) is not None], Event.DISPATCH)
-    busy = 0
-
-    def on(exc: BaseException) -> bool | float:
-        nonlocal busy
-        if not isinstance(exc, DependencyError):
-            return False
-        billed[0] = billed[0] or exc.fault not in budget.NOT_BILLED
-        r = policy.rule(kind.dependency, exc.fault)
-        if r.action is Action.SPLIT and len(works) > 1:
-            # maybe one input's fault (a healthy server with a poison input): the halves will
-            # tell; only a lone task's failure counts against the backend
-            guard.record(BreakerOutcome.IGNORED)
-            return False
-        guard.record(r.breaker)
-        if r.action is Action.PACE:
-            rt.metrics.retries.labels(backend.value, exc.fault.value).inc()
-            return exc.retry_after if exc.retry_after is not None else True
-        if r.action is Action.RETRY and guard.allow():
-            rt.metrics.retries.labels(backend.value, exc.fault.value).inc()
-            log.info("backend_retry", fault=exc.fault.value, error=str(exc))
-            if exc.fault is Fault.BUSY and lim is not None:
-                # a busy server is slowed down for by the adaptive limiter (requests in
-                # flight halved), not by the retry budget: the wait is paced (no spending)
-                busy += 1
-                return exc.retry_after if exc.retry_after is not None else rt.backoff(busy)
-            return True
-        return False
+    on = _Verdict(rt, kind, works, adaptive=lim is not None, log=log)
 
     try:
         async for attempt in retrying(name=backend.value, on=on, attempts=_attempts(rt, backend),
@@ -234,7 +208,7 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
         return
     guard.record(BreakerOutcome.SUCCESS)
     if rt.ports.budget is not None:  # token or spend budgets: the real usage replaces the reservations
-        await budget.settle_call(rt, works, answers, retried=billed[0])
+        await budget.settle_call(rt, works, answers, retried=on.billed)
     if rt.board.succeeded(backend, model):
         rt.metrics.quota_exhausted.labels(backend.value).set(0)
     rt.metrics.backend_requests.labels(backend.value, model, "success").inc()
@@ -249,6 +223,45 @@ async def compute_group(rt: Runtime, kind: TaskKind, works: list[Work], results:
     await send(rt, results, done)
     for w, err in bad:  # one task's answer was unusable: that task alone, by the same table
         await carry_out(rt, kind, [w], err, results, started)
+
+
+class _Verdict:
+    """`on` for one group's retries: the policy's verdict on each error, the breaker fed.
+
+    `billed`: an attempt that failed may have been billed (no answer, a 5xx), so the
+    group's budget reservations stay. A busy answer under the adaptive limiter is retried
+    after a paced wait (no retry budget spent): the limiter, which halves requests in
+    flight for a busy server, is what slows down for it."""
+
+    def __init__(self, rt: Runtime, kind: TaskKind, works: list[Work], *, adaptive: bool, log: Any) -> None:
+        self.rt, self.kind, self.works, self.adaptive, self.log = rt, kind, works, adaptive, log
+        self.guard = rt.board.guards[works[0].backend]
+        self.billed = False
+        self.busy = 0
+
+    def __call__(self, exc: BaseException) -> bool | float:
+        if not isinstance(exc, DependencyError):
+            return False
+        rt, guard, backend = self.rt, self.guard, self.works[0].backend
+        self.billed = self.billed or exc.fault not in budget.NOT_BILLED
+        r = policy.rule(self.kind.dependency, exc.fault)
+        if r.action is Action.SPLIT and len(self.works) > 1:
+            # maybe one input's fault (a healthy server with a poison input): the halves will
+            # tell; only a lone task's failure counts against the backend
+            guard.record(BreakerOutcome.IGNORED)
+            return False
+        guard.record(r.breaker)
+        if r.action is Action.PACE:
+            rt.metrics.retries.labels(backend.value, exc.fault.value).inc()
+            return exc.retry_after if exc.retry_after is not None else True
+        if r.action is Action.RETRY and guard.allow():
+            rt.metrics.retries.labels(backend.value, exc.fault.value).inc()
+            self.log.info("backend_retry", fault=exc.fault.value, error=str(exc))
+            if exc.fault is Fault.BUSY and self.adaptive:
+                self.busy += 1
+                return exc.retry_after if exc.retry_after is not None else rt.backoff(self.busy)
+            return True
+        return False
 
 
 def _attempts(rt: Runtime, backend: Backend) -> int:
