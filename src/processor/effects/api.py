@@ -169,12 +169,14 @@ class TaskApi:
                 return resp
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _request(self, method: str, path: str, template: str, content: bytes) -> _Answer:
+    async def _request(self, method: str, path: str, template: str, content: bytes | dict[str, Any]) -> _Answer:
         """A whole (non-streamed) exchange: breaker, concurrency bound, token, one 401
-        refresh. Through the lane when there is one; every failure becomes an ApiError."""
+        refresh. Through the lane when there is one; every failure becomes an ApiError.
+        A dict `content` is encoded as JSON only once a concurrency slot is held: a
+        report waiting for its turn does not hold its encoded body (a vector's JSON) too."""
         lane = self._lane
         if lane is None:
-            hresp = await self._send(method, path, template, content=content)
+            hresp = await self._send(method, path, template, content=_encoded(content))
             try:
                 body = await hresp.aread() if hresp.status_code >= 400 else b""
             except Exception as exc:  # the error body itself broke off
@@ -192,7 +194,7 @@ class TaskApi:
         except trio.WouldBlock:
             await self._limit.acquire()
         try:
-            return await self._lane_exchange(lane, method, method_b, target, template, content)
+            return await self._lane_exchange(lane, method, method_b, target, template, _encoded(content))
         finally:
             self._limit.release()
 
@@ -274,7 +276,7 @@ class TaskApi:
             # reason under both names in use, so that either kind of API keeps it.
             body["reason"] = reason
             body["error"] = reason
-        answer = await self._request("PATCH", f"{TASKS}/{task_id}", TASK_BY_ID, orjson.dumps(body))
+        answer = await self._request("PATCH", f"{TASKS}/{task_id}", TASK_BY_ID, body)
         if answer.status >= 400:
             text = answer.body[:300].decode("utf-8", "replace")
             raise ApiError(
@@ -313,6 +315,10 @@ class TaskApi:
                 self.last_success = trio.current_time()
         finally:
             await _close(resp)
+
+
+def _encoded(content: bytes | dict[str, Any]) -> bytes:
+    return content if isinstance(content, bytes) else orjson.dumps(content)
 
 
 class _ArrayReader:
