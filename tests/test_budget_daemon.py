@@ -99,7 +99,7 @@ def claims(sandbox: Any) -> int:
     return sum(1 for p in sandbox.state.patches if p.state == "in_progress")
 
 
-async def quiet(daemon: Daemon, sandbox: Any, *, want: int, timeout: float = 60.0) -> None:
+async def quiet(daemon: Daemon, sandbox: Any, *, want: int, timeout: float = 120.0) -> None:
     """Until `want` tasks are reported and then no task is claimed nor in progress for 2 s
     (ten polls, each refused by the cap: nothing more is admitted)."""
     try:
@@ -127,7 +127,7 @@ async def test_a_spend_cap_and_a_token_tier_hold_exactly_across_a_restart(sandbo
     run = sqlite_daemon if backend == "sqlite" else redis_daemon
     try:
         async with run(settings):
-            await wait_until(lambda: succeeded(sandbox) >= k // 3, timeout=60)
+            await wait_until(lambda: succeeded(sandbox) >= k // 3, timeout=120)
         assert 0 < succeeded(sandbox) < k  # stopped part-way: the rest is the second run's
         assert sandbox.state.by_state().get("in_progress", 0) == 0
         async with run(settings) as second:
