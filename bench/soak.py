@@ -1,6 +1,6 @@
 """Soak: the daemon against the sandbox with random faults at every dependency (issue 11).
 
-    python bench/soak.py [--minutes 10] [--replicas 2] [--rate 6] [--limit 400] [--seed 1] [--warmup S]
+    python bench/soak.py [--minutes 10] [--replicas 2] [--rate 6] [--limit 400] [--seed 1] [--warmup S] [--env NAME=VALUE]
 
 For `--minutes`, tasks arrive at about `--rate` per second (in bursts) while a fault
 schedule switches, every 5-20 s, between calm and a random mix of: task API 5xx, broken
@@ -163,6 +163,7 @@ async def soak(args: argparse.Namespace) -> None:
             hook = str(Path(__file__).resolve().parent / "memstats")
             env.update(SOAK_MEMSTATS_DIR=str(Path(args.memstats).resolve()),
                        PYTHONPATH=os.pathsep.join(p for p in (hook, DAEMON_SRC or os.environ.get("PYTHONPATH")) if p))
+        env.update(dict(kv.split("=", 1) for kv in args.env))
         if redis is not None:
             env.update(STATE_BACKEND="redis", REDIS_URL=f"redis://127.0.0.1:{redis.port}/0", REDIS_KEY_PREFIX=f"soak{args.seed}")
         daemons: list[Daemon] = []
@@ -338,6 +339,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=6.0, help="tasks per second in a burst (average about 0.75x)")
     ap.add_argument("--limit", type=int, default=400, help="RATE_LIMIT_PER_MINUTE")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a daemon setting on top of the soak's (repeatable), e.g. MEMORY_TRIM_INTERVAL_SECONDS=0")
     ap.add_argument("--memstats", metavar="DIR", default=None, help="each daemon's memory figures every 30 s, to DIR/<pid>.jsonl")
     ap.add_argument("--warmup", type=float, default=None,
                     help="seconds before the growth figures' baseline (default: a tenth of the run, at most 300)")

@@ -123,6 +123,7 @@ class Settings:
     redis_key_prefix: str = "processor"
     lease_ttl_seconds: float = 30.0
     reclaim_interval_seconds: float = 300.0
+    memory_trim_interval_seconds: float = 60.0
     reclaim_after_seconds: float = 600.0
 
     rate_limit_enabled: bool = True
@@ -456,6 +457,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LEASE_TTL_SECONDS": ("lease_ttl_seconds", _float(1)),
     "RECLAIM_INTERVAL_SECONDS": ("reclaim_interval_seconds", _float(1)),
     "RECLAIM_AFTER_SECONDS": ("reclaim_after_seconds", _float(0)),
+    "MEMORY_TRIM_INTERVAL_SECONDS": ("memory_trim_interval_seconds", _float(0)),
     "RATE_LIMIT_ENABLED": ("rate_limit_enabled", _bool),
     "RATE_LIMIT_STRATEGY": ("rate_limit_strategy", _enum(Strategy)),
     "RATE_LIMIT_STORAGE_PATH": ("rate_limit_storage_path", _nonempty),

@@ -36,6 +36,7 @@ from processor.effects.http import build_client
 from processor.effects.leases import Leases, NoLeases
 from processor.effects.limiter import Limiter, build_limiter, tier_views
 from processor.effects.logs import get_logger
+from processor.effects.memory import trim_memory
 from processor.effects.metrics import Metrics
 from processor.effects.signals import SignalSource
 from processor.effects.store import JournalStore
@@ -354,6 +355,7 @@ class Daemon:
 
         async with trio.open_nursery() as outer:
             outer.start_soon(controller)
+            outer.start_soon(trim_memory, s.memory_trim_interval_seconds)  # freed heap pages back to the system
             for adapter in rt.backends.values():
                 maintain = getattr(adapter, "maintain", None)  # e.g. Ollama: re-check unusable models
                 if maintain is not None:
