@@ -29,6 +29,30 @@ settings.register_profile("processor", deadline=None, suppress_health_check=[Hea
 settings.load_profile("processor")
 
 
+# The suite runs on three pytest-xdist workers (pyproject's addopts), which `--dist load`
+# hands tests round robin from the front of the collection. These tests take one to four
+# minutes each (most of it waiting: default 30 s polling, Prometheus `for:` clocks, a
+# per-minute window), so they go first, longest first, each to its own worker, instead of
+# starting last and leaving the other workers idle. Measured with `--durations`; a name that
+# no longer matches only loses its place, nothing else.
+LONG_FIRST = (
+    "tests/deploy/test_prometheus_alerts.py::test_every_alert_fires_and_resolves_on_real_scrapes",
+    "tests/test_triage_e2e.py::test_100_claims_with_30_percent_bad_answers",
+    "tests/test_triage_e2e.py::test_100_claims_at_default_polling_and_concurrency",
+    "tests/test_redis.py::test_a_global_per_minute_limit_is_shared_by_three_replicas",
+    "tests/hostile/test_properties.py::test_every_property_holds_in_a_hostile_world_openai",
+    "tests/test_redis.py::test_three_replicas_drain_without_embedding_any_task_twice",
+    "tests/hostile/test_slow_backend.py::test_a_slow_cpu_server_is_measured_first_and_never_made_to_compute_abandoned_work",
+    "tests/test_redis.py::test_redis_down_mid_run_fails_closed_and_resumes",
+    "tests/hostile/test_properties.py::test_every_property_holds_in_a_hostile_world_ollama",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {nodeid: i for i, nodeid in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))  # stable: the rest keep their order
+
+
 @attrs.define
 class Sandbox:
     state: SandboxState
