@@ -817,7 +817,7 @@ async def test_daemon_honours_retry_after_without_tripping_the_breaker(sandbox, 
     t0 = trio.current_time()
     async with running(daemon):
         await wait_until(all_done(sandbox.state, 10))
-        assert not daemon.rt.backend_guards[next(iter(daemon.rt.backend_guards))].is_open
+        assert not daemon.pipeline.board.guards[next(iter(daemon.pipeline.board.guards))].is_open
     assert trio.current_time() - t0 >= 1.0  # waited 0.5 s twice
     assert sandbox.state.by_state() == {"succeeded": 10}
 

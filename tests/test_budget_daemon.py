@@ -105,7 +105,7 @@ async def quiet(daemon: Daemon, sandbox: Any, *, want: int, timeout: float = 120
     try:
         await wait_until(lambda: succeeded(sandbox) >= want, timeout=timeout)
     except trio.TooSlowError:
-        raise AssertionError(f"{sandbox.state.by_state()} {daemon.rt.limiter.usage() if daemon.rt else None}") from None
+        raise AssertionError(f"{sandbox.state.by_state()} {daemon.pipeline.admission.limiter.usage() if daemon.pipeline else None}") from None
     with trio.fail_after(timeout):
         seen, calm_since = claims(sandbox), trio.current_time()
         while trio.current_time() - calm_since < 2.0:

@@ -81,7 +81,7 @@ async def test_intake_is_bounded_whatever_the_backlog(sandbox, tmp_path):
     async with running(daemon):
         with trio.fail_after(300):
             while not all_done(sandbox.state, 600)():
-                peak = max(peak, len(daemon.rt.book))
+                peak = max(peak, len(daemon.pipeline.book))
                 in_progress = sandbox.state.by_state().get("in_progress", 0)
                 assert in_progress <= 32
                 await trio.sleep(0.01)

@@ -35,7 +35,7 @@ async def test_metrics_health_and_ready(sandbox, tmp_path):
     daemon = Daemon(settings, backends={Backend.MOCK: CountingBackend()})
     async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:
         await wait_until(all_done(sandbox.state, 65))
-        await wait_until(lambda: daemon.not_ready_reasons() == [] and daemon.rt.outbox_size == 0)
+        await wait_until(lambda: daemon.not_ready_reasons() == [] and daemon.pipeline.book.outbox_size == 0)
         ready = await c.get("/ready")
         health = await c.get("/health")
         metrics = (await c.get("/metrics")).text

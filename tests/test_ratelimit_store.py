@@ -252,7 +252,7 @@ async def test_a_failing_openai_limiter_store_never_ends_the_daemon(sandbox, tmp
         await wait_until(lambda: sandbox.state.by_state().get("succeeded", 0) == 3)
         deny_writes(openai_db)
         sandbox.state.seed(3, model="text-embedding-3-small")
-        await wait_until(lambda: not daemon.rt.openai_limiter.healthy[0] or bool(ended))  # it tried, and failed
+        await wait_until(lambda: not daemon.pipeline.admission.openai_limiter.healthy[0] or bool(ended))  # it tried, and failed
         await trio.sleep(0.5)
         assert not ended, ended  # the daemon is still running
         assert sandbox.state.by_state() == {"succeeded": 3, "pending": 3}  # nothing went through uncounted

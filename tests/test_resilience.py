@@ -54,7 +54,7 @@ async def test_api_outage_backs_off_then_recovers(sandbox, tmp_path, mock_clock)
         sandbox.state.faults["*"] = Fault(status=503)
         sandbox.state.seed(30)
         await trio.sleep(30)  # virtual seconds
-        guard = daemon.rt.api.guard
+        guard = daemon.pipeline.api.guard
         assert guard.state.state is not br.State.CLOSED
         bound = br.open_wait(guard.cfg, guard.state.reopens) + settings.polling_interval_seconds * 1.1 + 2
         outage_end = sandbox.state.clock()

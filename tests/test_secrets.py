@@ -69,7 +69,7 @@ async def test_health_never_shows_an_echoed_secret_and_bounds_error_texts(sandbo
     sb.state.token_answer = TokenAnswer(raw=echo, status=400)
     daemon = Daemon(make_settings(sb, tmp_path, OAUTH2_CLIENT_SECRET=secret), backends={Backend.MOCK: CountingBackend()})
     async with running(daemon), httpx.AsyncClient(base_url=daemon.health_url) as c:
-        await wait_until(lambda: sb.state.token_requests >= 1 and daemon.rt is not None and daemon.rt.tokens.last_error)
+        await wait_until(lambda: sb.state.token_requests >= 1 and daemon.pipeline is not None and daemon.pipeline.tokens.last_error)
         health = await c.get("/health")
         ready = await c.get("/ready")
     for r in (health, ready):

@@ -52,8 +52,8 @@ async def test_a_daemon_starts_on_a6a26dd_state_delivers_releases_and_quarantine
     daemon = Daemon(settings, backends={Backend.OLLAMA: CountingBackend(2)})
     async with running(daemon):
         await wait_until(lambda: st.tasks[GOOD_RESULT]["state"] == "succeeded" and st.tasks[ORPHAN]["state"] == "pending")
-        assert daemon.rt is not None
-        await wait_until(lambda: len(daemon.rt.book) == 0)
+        assert daemon.pipeline is not None
+        await wait_until(lambda: len(daemon.pipeline.book) == 0)
     assert st.tasks[GOOD_RESULT]["result"] == [0.6, 0.8]
     # the row with the bad id is gone: the next start has nothing to trip on
     store = JournalStore(str(tmp_path / "state" / "journal.db"))

@@ -128,6 +128,11 @@ class Admission:
                 n.start_soon(until, stopping)
                 n.start_soon(until, wake)
 
+    async def refund(self, limiter: str, reservations: list[Any]) -> None:
+        """Give reserved units back to the limiter named by the book ("global" or OpenAI's)."""
+        lim = self.limiter if limiter == "global" else self.openai_limiter
+        await lim.refund(reservations)
+
     @property
     def paused(self) -> bool:
         return trio.current_time() < self.paused_until

@@ -45,12 +45,15 @@ from processor.kinds.base import Work
 from processor.pure import lifecycle, readiness
 from processor.pure.lifecycle import Phase
 from processor.pure.tasks import Backend
-from processor.runtime import RELEASE_TIMEOUT, Runtime
+from processor.runtime import RELEASE_TIMEOUT
 from processor.stages import claim, embed, intake, recovery, report
 from processor.wiring import (
+    Adapters,
+    Pipeline,
     breaker_config,
     build_backends,
     build_chat_ports,
+    build_pipeline,
     limiter_configs,
     routing_for,
     stage_config,
@@ -150,7 +153,7 @@ class Daemon:
                             redis_client=redis_client, clock=clock, rng=rng or random.Random())
         self._signals = signals  # None: no OS signals (the owner calls `stop`)
         self._health_at = HealthAt(settings.metrics_host, settings.metrics_port) if health is FROM_SETTINGS else health
-        self.rt: Runtime | None = None
+        self.pipeline: Pipeline | None = None  # what `build_pipeline` made, once running
         self.health_url: str | None = None
         self.control = ShutdownControl(grace=settings.shutdown_grace_seconds)
         self._health_stop = trio.Event()
@@ -170,58 +173,58 @@ class Daemon:
 
     # -- health --------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        rt = self.rt
-        if rt is None:
+        pipe = self.pipeline
+        if pipe is None:
             return {"status": "starting", "version": processor.__version__}
-        limiter_ok, limiter_err = rt.limiter.healthy
+        limiter_ok, limiter_err = pipe.admission.limiter.healthy
         return {
             "status": "stopping" if self.shutting_down else "ok",
             "version": processor.__version__,
             "mode": self.s.processing_mode.value,
-            "token": {"obtained": rt.tokens.has_token, "last_error": rt.tokens.last_error},
+            "token": {"obtained": pipe.tokens.has_token, "last_error": pipe.tokens.last_error},
             "breakers": {g.name: g.state.state.name.lower() for g in self._guards()},
-            "rate_limits": _tiers(rt.limiter),
-            "openai_rate_limits": _tiers(rt.openai_limiter),
-            "state_store": {"writable": limiter_ok and rt.journal.db.writable, "error": limiter_err or rt.journal.db.last_error},
-            "in_flight": len(rt.book),
-            "outbox_size": rt.outbox_size,
-            "quota_exhausted": {b.value: m for b, m in rt.quota_exhausted.items()},
+            "rate_limits": _tiers(pipe.admission.limiter),
+            "openai_rate_limits": _tiers(pipe.admission.openai_limiter),
+            "state_store": {"writable": limiter_ok and pipe.journal.db.writable, "error": limiter_err or pipe.journal.db.last_error},
+            "in_flight": len(pipe.book),
+            "outbox_size": pipe.book.outbox_size,
+            "quota_exhausted": {b.value: m for b, m in pipe.board.quota.items()},
             # models a backend cannot serve right now, and why (adapters that know it)
-            "unavailable_models": {b.value: dict(u) for b, a in rt.backends.items() if (u := getattr(a, "unavailable", None))},
-            "backends_unusable": {b.value: m for b, m in rt.backend_down.items()},
-            "models_unservable": dict(rt.unservable),
+            "unavailable_models": {b.value: dict(u) for b, a in pipe.board.adapters.items() if (u := getattr(a, "unavailable", None))},
+            "backends_unusable": {b.value: m for b, m in pipe.board.down.items()},
+            "models_unservable": dict(pipe.board.unservable),
             # token / spend budgets: models whose tasks stay pending, per reason (no_price, too_big)
-            "models_budget_refused": {k: dict(v) for k, v in rt.board.budget_refused.items()},
+            "models_budget_refused": {k: dict(v) for k, v in pipe.board.budget_refused.items()},
             # per backend/model: what was measured and what is allowed now (requests, sizes)
-            "adaptive": rt.board.adaptive.snapshot() if rt.board.adaptive is not None else {},
+            "adaptive": pipe.board.adaptive.snapshot() if pipe.board.adaptive is not None else {},
         }
 
     def _guards(self) -> list[Guard]:
-        rt = self.rt
-        if rt is None:
+        pipe = self.pipeline
+        if pipe is None:
             return []
-        return [rt.api.guard, rt.tokens.guard, *rt.backend_guards.values()]
+        return [pipe.api.guard, pipe.tokens.guard, *pipe.board.guards.values()]
 
     def facts(self) -> readiness.Facts:
         """What readiness is decided from (gathered here; decided by `pure.readiness`)."""
-        rt = self.rt
-        if rt is None:
+        pipe = self.pipeline
+        if pipe is None:
             return readiness.Facts(started=False)
-        last = rt.api.last_success
-        limiter_ok, err = rt.limiter.healthy
+        last = pipe.api.last_success
+        limiter_ok, err = pipe.admission.limiter.healthy
         backends = tuple(
             readiness.BackendFacts(
-                b.value, breaker_open=rt.backend_guards[b].is_open, unusable=rt.backend_down.get(b),
-                quota=rt.quota_exhausted.get(b), down=getattr(adapter, "down", None) or None,
+                b.value, breaker_open=pipe.board.guards[b].is_open, unusable=pipe.board.down.get(b),
+                quota=pipe.board.quota.get(b), down=getattr(adapter, "down", None) or None,
             )
-            for b, adapter in rt.backends.items()
+            for b, adapter in pipe.board.adapters.items()
         )
         return readiness.Facts(
-            shutting_down=self.shutting_down, token=rt.tokens.has_token, token_error=rt.tokens.last_error,
+            shutting_down=self.shutting_down, token=pipe.tokens.has_token, token_error=pipe.tokens.last_error,
             api_answered_ago=None if last is None else trio.current_time() - last,
-            api_window=max(3 * self.s.polling_interval_seconds, 90.0), api_breaker_open=rt.api.guard.is_open,
-            backends=backends, store_ok=limiter_ok and rt.journal.db.writable,
-            store_error=err or rt.journal.db.last_error, redis_error=getattr(self._parts.leases, "unavailable", None) or None,
+            api_window=max(3 * self.s.polling_interval_seconds, 90.0), api_breaker_open=pipe.api.guard.is_open,
+            backends=backends, store_ok=limiter_ok and pipe.journal.db.writable,
+            store_error=err or pipe.journal.db.last_error, redis_error=getattr(self._parts.leases, "unavailable", None) or None,
         )
 
     def not_ready_reasons(self) -> list[str]:
@@ -306,15 +309,16 @@ class Daemon:
             except registry.RegistryError as exc:
                 raise StartupError(str(exc)) from None
             chat, wikidata = build_chat_ports(s, self.metrics, kinds, redis_client=self._parts.redis_client)
-            rt = Runtime(
-                stage_config(s), metrics=self.metrics, api=api, tokens=tokens, backends=backends, backend_guards=guards,
-                limiter=limiter, openai_limiter=openai_limiter, journal=journal, leases=leases,
-                routing=routing_for(s), kinds=kinds, rng=self._parts.rng, wall=self._parts.clock, chat=chat, wikidata=wikidata,
-                adaptive=AdaptiveLimits.from_settings(s),
+            pipe = build_pipeline(
+                stage_config(s),
+                Adapters(backends=backends, guards=guards, limiter=limiter, openai_limiter=openai_limiter, leases=leases,
+                         chat=chat, wikidata=wikidata),
+                metrics=self.metrics, api=api, tokens=tokens, journal=journal, routing=routing_for(s), kinds=kinds,
+                rng=self._parts.rng, wall=self._parts.clock, adaptive=AdaptiveLimits.from_settings(s),
             )
-            self.rt = rt
+            self.pipeline = pipe
             # scrape-time gauges, bounded model label, series at zero
-            self.metrics.watch(rt, models=[*s.supported_models, s.default_model])
+            self.metrics.watch(pipe, models=[*s.supported_models, s.default_model])
             try:
                 for b, adapter in backends.items():
                     try:
@@ -324,7 +328,7 @@ class Daemon:
                 self.log.info("daemon_started", version=processor.__version__, mode=s.processing_mode.value,
                               concurrency=s.concurrency_limit, batch=s.max_batch_size, rate_limits=s.rate_limits.enabled())
                 self.started.set()
-                await self._pipeline(rt)
+                await self._pipeline(pipe)
             finally:
                 with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
                     for adapter in backends.values():
@@ -333,19 +337,20 @@ class Daemon:
                         await closable.aclose()
                 journal.db.close()
 
-    async def _pipeline(self, rt: Runtime) -> None:
+    async def _pipeline(self, pipe: Pipeline) -> None:
         s = self.s
+        st = pipe.stages
         pipeline_done = trio.Event()
 
         async def controller() -> None:
             await self.control.requested.wait()
             self.control.shutting_down = True
-            rt.stopping.set()
-            self.log.info("shutdown_started", grace_seconds=self.control.grace, in_flight=len(rt.book))
+            pipe.stopping.set()
+            self.log.info("shutdown_started", grace_seconds=self.control.grace, in_flight=len(pipe.book))
             with trio.move_on_after(self.control.grace):
                 await pipeline_done.wait()
             if not pipeline_done.is_set():
-                self.log.warning("shutdown_grace_expired", unfinished=len(rt.book))
+                self.log.warning("shutdown_grace_expired", unfinished=len(pipe.book))
                 work.cancel()
 
         intake_send, intake_recv = trio.open_memory_channel[Work](s.intake_capacity)
@@ -356,7 +361,7 @@ class Daemon:
         async with trio.open_nursery() as outer:
             outer.start_soon(controller)
             outer.start_soon(trim_memory, s.memory_trim_interval_seconds)  # freed heap pages back to the system
-            for adapter in rt.backends.values():
+            for adapter in pipe.board.adapters.values():
                 maintain = getattr(adapter, "maintain", None)  # e.g. Ollama: re-check unusable models
                 if maintain is not None:
                     outer.start_soon(maintain)
@@ -364,25 +369,25 @@ class Daemon:
                 self.control.work_scope = work
                 if self.control.requested.is_set():
                     work.cancel()
-                await recovery.recover(rt)
+                await recovery.recover(st.recovery)
                 async with trio.open_nursery() as n:
-                    n.start_soon(intake.poller, rt, intake_send, result_send.clone())
-                    n.start_soon(claim.claimer, rt, intake_recv, claimed_send)
-                    n.start_soon(embed.batcher, rt, claimed_recv, batch_send)
+                    n.start_soon(intake.poller, st.intake, intake_send, result_send.clone())
+                    n.start_soon(claim.claimer, st.claim, intake_recv, claimed_send)
+                    n.start_soon(embed.batcher, st.batch, claimed_recv, batch_send)
                     for _ in range(s.concurrency_limit):
-                        n.start_soon(embed.embed_worker, rt, batch_recv.clone(), result_send.clone())
+                        n.start_soon(embed.embed_worker, st.embed, batch_recv.clone(), result_send.clone())
                     await batch_recv.aclose()
                     await result_send.aclose()
-                    n.start_soon(report.reporter, rt, result_recv)
-                    n.start_soon(self._reclaim_loop, rt)
-                    n.start_soon(recovery.release_left, rt)
+                    n.start_soon(report.reporter, st.report, result_recv)
+                    n.start_soon(self._reclaim_loop, st.recovery)
+                    n.start_soon(recovery.release_left, st.recovery)
                     # On shutdown the poller stops and closes the intake; every later stage
                     # ends when its input channel is closed and drained.
             pipeline_done.set()
             outer.cancel_scope.cancel()
         # Whatever did not finish: release claims without a result (shielded, bounded). A
         # release that does not get through keeps its journal row for the next start.
-        book = rt.book
+        book = pipe.book
         released = 0
         with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
             await book.drop(book.in_phase(Phase.SEEN, Phase.RESERVED))
@@ -392,10 +397,10 @@ class Daemon:
         kept = len(book.in_phase(Phase.COMPUTED))
         self.log.info("shutdown_complete", released=released, release_failed=len(book) - kept, outbox_kept=kept)
 
-    async def _reclaim_loop(self, rt: Runtime) -> None:
+    async def _reclaim_loop(self, ports: recovery.RecoveryPorts) -> None:
         s = self.s
         if s.state_backend is StateBackend.REDIS:
             interval, older = s.lease_ttl_seconds, s.lease_ttl_seconds
         else:
             interval, older = s.reclaim_interval_seconds, s.reclaim_after_seconds
-        await recovery.reclaimer(rt, interval=interval, older_than=older)
+        await recovery.reclaimer(ports, interval=interval, older_than=older)

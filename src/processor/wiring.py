@@ -13,32 +13,48 @@ soon as it is.
 
 from __future__ import annotations
 
+import random
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
+from processor.board import Admission, BackendBoard
+from processor.book import Book
 from processor.config import Limits, Mode, Settings, StateBackend
-from processor.effects.auth import TokenConfig
+from processor.effects.adaptive import AdaptiveLimits
+from processor.effects.api import TaskApi
+from processor.effects.auth import TokenConfig, TokenProvider
 from processor.effects.backends.base import EmbeddingBackend
 from processor.effects.backends.mock import MockBackend
-from processor.effects.limiter import LimiterConfig, limits_map
+from processor.effects.guard import Guard
+from processor.effects.leases import Leases
+from processor.effects.limiter import Limiter, LimiterConfig, limits_map
 from processor.effects.metrics import Metrics
 from processor.effects.signals import SHUTDOWN_SIGNALS, OsSignals
+from processor.effects.store import JournalStore
+from processor.kinds.base import KindPorts, TaskKind
 from processor.pure.breaker import BreakerConfig
 from processor.pure.faults import Dependency
 from processor.pure.ratelimit import Period
 from processor.pure.tasks import Backend, Routing
-from processor.runtime import StageConfig
+from processor.runtime import RetryConfig, StageConfig
+from processor.stages.budget import BudgetPort, Budgets
+from processor.stages.claim import ClaimPorts
+from processor.stages.embed import BatchPorts, EmbedPorts
+from processor.stages.intake import IntakePorts
+from processor.stages.recovery import RecoveryPorts
+from processor.stages.report import Reporter
 
 if TYPE_CHECKING:
     from processor.daemon import Daemon
     from processor.effects.chat.base import ChatBackend
     from processor.effects.chat.metrics import ChatMetrics
-    from processor.effects.guard import Guard
     from processor.effects.wikidata import Enricher
 
 # -- what each adapter gets of the settings ---------------------------------------------------
@@ -199,6 +215,97 @@ def build_chat_ports(s: Settings, metrics: Any, kinds: Mapping[str, Any], *, red
     from processor.effects.chat.metrics import chat_metrics
 
     return build_chat_backends(s, metrics), build_wikidata(s, chat_metrics(metrics), redis_client=redis_client)
+
+
+# -- the stages' ports --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Stages:
+    """Each stage's port: what it touches, nothing else (`processor.stages`)."""
+
+    intake: IntakePorts
+    claim: ClaimPorts
+    batch: BatchPorts
+    embed: EmbedPorts
+    report: Reporter
+    recovery: RecoveryPorts
+
+
+@attrs.frozen
+class Pipeline:
+    """What `build_pipeline` made for one run: the state the stages share, as the daemon
+    reads it (/health, /ready, the scrape-time gauges, the shutdown), and the stages' ports.
+    The stages never see this object: each gets its own port from `stages`."""
+
+    config: StageConfig
+    routing: Routing
+    book: Book
+    board: BackendBoard
+    admission: Admission
+    api: TaskApi
+    tokens: TokenProvider
+    journal: JournalStore
+    stopping: trio.Event
+    stages: Stages
+
+
+@attrs.frozen
+class Adapters:
+    """The adapters `build_pipeline` wires (besides the task API, its token and the journal)."""
+
+    backends: Mapping[Backend, Any]
+    guards: Mapping[Backend, Guard]
+    limiter: Limiter
+    openai_limiter: Limiter
+    leases: Leases
+    chat: Mapping[Backend, Any] = attrs.field(factory=dict)
+    wikidata: Any = None
+
+
+def build_pipeline(
+    config: StageConfig,
+    adapters: Adapters,
+    *,
+    metrics: Metrics,
+    api: TaskApi,
+    tokens: TokenProvider,
+    journal: JournalStore,
+    routing: Routing,
+    kinds: Mapping[str, TaskKind] | None = None,
+    rng: random.Random | None = None,
+    wall: Callable[[], float] = time.time,
+    adaptive: AdaptiveLimits | None = None,
+) -> Pipeline:
+    """The shared state (book, board, admission, `stopping`) and each stage's port over it."""
+    from processor.kinds.embedding import EmbeddingKind
+
+    if adaptive is None:  # the configured timeouts come from the settings (`AdaptiveLimits.from_settings`)
+        adaptive = AdaptiveLimits(max_items=config.max_batch_size, max_in_flight=config.concurrency_limit, timeouts={})
+    board = BackendBoard(adapters.backends, adapters.guards, adaptive=adaptive)
+    admission = Admission(adapters.limiter, adapters.openai_limiter, adapters.leases)
+    kinds = kinds if kinds is not None else {"text_embedding": EmbeddingKind()}
+    book = Book(capacity=config.intake_capacity, journal=journal, leases=adapters.leases, api=api, metrics=metrics,
+                refund=admission.refund, wall=wall)
+    stopping = trio.Event()
+    retry = RetryConfig.of(config, rng or random.Random())
+    budgets = Budgets(admission, book, board, metrics, kinds, config.fallback_models)
+    ports = KindPorts(embedding=adapters.backends, chat=adapters.chat, wikidata=adapters.wikidata,
+                      budget=BudgetPort(budgets) if getattr(adapters.limiter, "budgets", False) else None)
+    reporter = Reporter(book, api, adapters.leases, metrics, retry, stopping, wall, concurrency=config.concurrency_limit)
+    stages = Stages(
+        intake=IntakePorts(api, board, book, admission, kinds, routing, metrics, retry, wall, stopping, reporter.deliver,
+                           polling_interval_seconds=config.polling_interval_seconds),
+        claim=ClaimPorts(book, admission, board.guards, api, budgets, metrics, retry, stopping, wall,
+                         max_batch_size=config.max_batch_size, polling_interval_seconds=config.polling_interval_seconds),
+        batch=BatchPorts(kinds, metrics, stopping, max_batch_size=config.max_batch_size,
+                         batch_max_wait_ms=config.batch_max_wait_ms),
+        embed=EmbedPorts(book, board, kinds, ports, metrics, retry, journal, budgets, reporter.deliver, stopping,
+                         max_task_attempts=config.max_task_attempts, fallback_models=config.fallback_models),
+        report=reporter,
+        recovery=RecoveryPorts(journal, book, admission, api, metrics, retry, wall, stopping, reporter),
+    )
+    return Pipeline(config, routing, book, board, admission, api, tokens, journal, stopping, stages)
 
 
 # -- signals and the run -----------------------------------------------------------------------

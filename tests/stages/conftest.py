@@ -1,4 +1,4 @@
-"""Fakes for the outside world only, and a real `Runtime` over them.
+"""Fakes for the outside world only, and the real stages' ports over them (`build_pipeline`).
 
 Each stage test drives the stage functions directly under `trio.testing.MockClock(autojump_threshold=0)`
 (the `autojump_clock` fixture), with a real `Book` over a real SQLite `JournalStore` in
@@ -40,9 +40,8 @@ from processor.pure.breaker import BreakerConfig
 from processor.pure.faults import DependencyError, Fault
 from processor.pure.retry import ErrorKind, classify_status
 from processor.pure.tasks import Backend, Routing
-from processor.runtime import Runtime
 from processor.stages import claim
-from processor.wiring import stage_config
+from processor.wiring import Adapters, Pipeline, build_pipeline, stage_config
 
 MODEL = "nomic-embed-text"
 IO_SETTLE = 1.0  # real seconds the run loop must be idle before the autojump clock jumps (see above)
@@ -292,10 +291,10 @@ class FakeLimiter:
         return (self.fail is None, None if self.fail is None else str(self.fail))
 
 
-# -- the runtime over them ------------------------------------------------------------------
+# -- the stages' ports over them ------------------------------------------------------------------
 @attrs.define
 class World:
-    rt: Runtime
+    p: Pipeline  # the shared state (`p.book`, `p.board`, ...) and each stage's port (`p.stages`)
     api: FakeApi
     embedder: FakeEmbedder
     limiter: FakeLimiter
@@ -337,8 +336,12 @@ def settings_for(tmp_path: Any, **env: Any) -> Settings:
 
 def make_world(tmp_path: Any, *, backend: Backend = Backend.MOCK, routing: Routing | None = None,
                embedder: FakeEmbedder | None = None, extra: dict[Backend, FakeEmbedder] | None = None,
-               cold_items: int | None = COLD_FULL, **env: Any) -> World:
-    """A runtime whose backend `backend` is `embedder` (and `extra` ones, each with its guard).
+               cold_items: int | None = COLD_FULL, limiter: Any = None, metrics: Metrics | None = None,
+               leases: Any = None, **env: Any) -> World:
+    """The stages over fakes: backend `backend` is `embedder` (and `extra` ones, each with its
+    guard). `limiter`: the global limiter instead of a `FakeLimiter` (`World.limiter` stays
+    the fake, unused then); `metrics`: the registry it counts into; `leases`: instead of
+    `NoLeases` (one replica).
 
     `cold_items`: the first request's size while a backend's speed is unknown
     (`processor.pure.adaptive`). By default as large as MAX_BATCH_SIZE, so that a test sees
@@ -348,20 +351,21 @@ def make_world(tmp_path: Any, *, backend: Backend = Backend.MOCK, routing: Routi
         cold_items = settings_for(tmp_path, **env).max_batch_size
     s = settings_for(tmp_path, **env)
     (tmp_path / "state").mkdir(exist_ok=True)
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     api = FakeApi()
     emb = embedder or FakeEmbedder()
     lim, olim = FakeLimiter("global"), FakeLimiter("openai")
     journal = JournalStore(str(tmp_path / "state" / "journal.db"))
     adapters = {backend: emb, **(extra or {})}
     guards = {b: Guard(b.value, BreakerConfig(threshold=5, base_wait=5.0, max_wait=300.0)) for b in adapters}
-    rt = Runtime(
-        stage_config(s), metrics=metrics, api=api, tokens=None, backends=adapters, backend_guards=guards,  # type: ignore[arg-type]
-        limiter=lim, openai_limiter=olim, journal=journal, leases=NoLeases(),
+    p = build_pipeline(
+        stage_config(s),
+        Adapters(backends=adapters, guards=guards, limiter=limiter or lim, openai_limiter=olim, leases=leases or NoLeases()),
+        metrics=metrics, api=api, tokens=None, journal=journal,  # type: ignore[arg-type]
         routing=routing or Routing(default_model=MODEL, mock=True), wall=wall,
+        adaptive=AdaptiveLimits.from_settings(s, **({} if cold_items is None else {"cold_items": cold_items})),
     )
-    rt.board.adaptive = AdaptiveLimits.from_settings(s, **({} if cold_items is None else {"cold_items": cold_items}))
-    return World(rt, api, emb, lim, olim, journal, metrics, backend)
+    return World(p, api, emb, lim, olim, journal, metrics, backend)
 
 
 @pytest.fixture
@@ -377,10 +381,10 @@ async def claim_all(w: World, works: Sequence[Work]) -> list[Work]:
     intake_s, intake_r = trio.open_memory_channel[Work](len(works) + 1)
     out_s, out_r = trio.open_memory_channel[Work](len(works) + 1)
     for x in works:
-        w.rt.book.take(x)
+        w.p.book.take(x)
         intake_s.send_nowait(x)
     intake_s.close()
-    await claim.claimer(w.rt, intake_r, out_s)
+    await claim.claimer(w.p.stages.claim, intake_r, out_s)
     out = []
     async with out_r:
         async for x in out_r:
@@ -396,10 +400,10 @@ async def measure(w: World, *, first: int = 1_000_000) -> int:
 
     works = await claim_all(w, [w.work(first + i) for i in range(2)])
     send, recv = trio.open_memory_channel[list[str]](10)
-    await embed.compute_batch(w.rt, works, send)
+    await embed.compute_batch(w.p.stages.embed, works, send)
     assert sorted(drain(recv)) == sorted(x.id for x in works)
-    assert w.rt.board.adaptive is not None
-    return w.rt.board.adaptive.get(w.backend, MODEL).plan().max_in_flight
+    assert w.p.board.adaptive is not None
+    return w.p.board.adaptive.get(w.backend, MODEL).plan().max_in_flight
 
 
 def drain(recv: trio.MemoryReceiveChannel[list[str]]) -> list[str]:

@@ -38,14 +38,14 @@ def _texts(w: World, n: int, first: int = 0) -> list:
 
 
 def _limiter(w: World):
-    assert w.rt.board.adaptive is not None
-    return w.rt.board.adaptive.get(w.backend, MODEL)
+    assert w.p.board.adaptive is not None
+    return w.p.board.adaptive.get(w.backend, MODEL)
 
 
 async def _compute(w: World, works: Sequence, lane: trio.MemorySendChannel[list[str]]) -> None:
     claimed = await claim_all(w, works)
     assert len(claimed) == len(works)
-    await embed.compute_batch(w.rt, claimed, lane)
+    await embed.compute_batch(w.p.stages.embed, claimed, lane)
 
 
 async def test_a_slow_backend_gets_small_requests_first_then_requests_sized_to_its_speed(slow: World, autojump_clock) -> None:
@@ -83,7 +83,7 @@ async def test_a_cold_backend_gets_one_request_at_a_time_until_measured(slow: Wo
     claimed = [await claim_all(slow, b) for b in batches]
     async with trio.open_nursery() as n:  # three embed workers with a batch each
         for b in claimed:
-            n.start_soon(embed.compute_batch, slow.rt, b, send)
+            n.start_soon(embed.compute_batch, slow.p.stages.embed, b, send)
     assert len(drain(recv)) == 24
     assert first_answer == [1] and slow.embedder.most_out == 1  # one at a time (the server computes one anyway)
     assert [len(c) for c in slow.embedder.calls][0] == 2
@@ -97,17 +97,17 @@ async def test_a_fast_backend_gets_full_requests_and_more_in_flight(tmp_path, au
         batches = [[w.work(1000 * k + i) for i in range(64)] for k in range(10)]
         claimed = [await claim_all(w, b) for b in batches]
         async with trio.open_nursery() as n:  # CONCURRENCY_LIMIT embed workers
-            for k in range(w.rt.s.concurrency_limit):
+            for k in range(w.p.config.concurrency_limit):
                 async def worker(mine: list[list]) -> None:
                     for b in mine:
-                        await embed.compute_batch(w.rt, b, send)
-                n.start_soon(worker, claimed[k :: w.rt.s.concurrency_limit])
+                        await embed.compute_batch(w.p.stages.embed, b, send)
+                n.start_soon(worker, claimed[k :: w.p.config.concurrency_limit])
         assert len(drain(recv)) == 640
         sizes = [len(c) for c in w.embedder.calls]
         assert sizes[0] == 2 and max(sizes) == 64  # from a small first request to full ones
-        assert 1 < w.embedder.most_out <= w.rt.s.concurrency_limit
+        assert 1 < w.embedder.most_out <= w.p.config.concurrency_limit
         d = _limiter(w).plan()
-        assert (d.max_items, d.max_in_flight) == (64, w.rt.s.concurrency_limit)
+        assert (d.max_items, d.max_in_flight) == (64, w.p.config.concurrency_limit)
     finally:
         w.close()
 
@@ -127,9 +127,9 @@ async def test_a_call_that_never_answers_ends_by_the_stages_own_bound_and_frees_
     slow.embedder.before = before
     claimed = await claim_all(slow, [slow.work(1, "this one HANGs"), *_texts(slow, 3, first=10)])
     async with trio.open_nursery() as n:
-        n.start_soon(embed.compute_batch, slow.rt, claimed[:1], send)
+        n.start_soon(embed.compute_batch, slow.p.stages.embed, claimed[:1], send)
         await hung.wait()
-        await embed.compute_batch(slow.rt, claimed[1:], send)  # waits for the slot, then goes
+        await embed.compute_batch(slow.p.stages.embed, claimed[1:], send)  # waits for the slot, then goes
     assert sorted(drain(recv)) == sorted(w.id for w in claimed[1:])
     assert {p.task_id for p in slow.api.sent("pending")} == {tid(1)}  # handed back, not failed
     lim = _limiter(slow)
@@ -151,17 +151,17 @@ async def test_at_shutdown_a_request_still_waiting_for_its_slot_is_not_sent(slow
     first = await claim_all(slow, _texts(slow, 2))
     second = await claim_all(slow, _texts(slow, 4, first=50))
     async with trio.open_nursery() as n:
-        n.start_soon(embed.compute_batch, slow.rt, first, send)
+        n.start_soon(embed.compute_batch, slow.p.stages.embed, first, send)
         await entered.wait()
-        n.start_soon(embed.compute_batch, slow.rt, second, send)  # waits: one request at a time
+        n.start_soon(embed.compute_batch, slow.p.stages.embed, second, send)  # waits: one request at a time
         await trio.sleep(1.0)
-        slow.rt.stopping.set()
+        slow.p.stopping.set()
         await trio.sleep(1.0)
         assert {p.task_id for p in slow.api.sent("pending")} == {w.id for w in second}  # released at once
         gate.set()  # the request already out finishes and is reported
     assert sorted(drain(recv)) == sorted(w.id for w in first)
     assert len(slow.embedder.calls) == 1
-    assert all(slow.rt.book.phase(w.id) in (None, Phase.COMPUTED) for w in first + second)
+    assert all(slow.p.book.phase(w.id) in (None, Phase.COMPUTED) for w in first + second)
     assert slow.metric("ai_tasks_released_total", reason="shutdown") == 4
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 import pytest
 import trio
 
 from processor.effects.backends.base import EmbedResult
 from processor.effects.backends.mock import MockBackend
 from processor.effects.limiter import SqliteLimiter
+from processor.effects.metrics import Metrics
 from processor.pure import ratelimit as rl
 from processor.pure.budget import DEFAULT_PRICES, cost, parse_money
 from processor.pure.faults import DependencyError, Fault
@@ -42,15 +42,17 @@ class Failing(MockBackend):
         return await super().embed(model, texts, timeout=timeout)
 
 
-def budget_world(tmp_path: Any, *, tokens: int = 0, spend: str = "0", tasks: int = 0, **kw: Any) -> tuple[World, SqliteLimiter]:
-    backend = Failing(8)
-    w = make_world(tmp_path, embedder=backend, MAX_RETRIES=0, **kw)  # type: ignore[arg-type]
+def budget_world(tmp_path: Any, *, tokens: int = 0, spend: str = "0", tasks: int = 0, embedder: Any = None,
+                 max_retries: int = 0, **kw: Any) -> tuple[World, SqliteLimiter]:
+    """A world whose global limiter is a real SQLite one with these tiers (so the budget
+    stage is on: `KindPorts.budget` is a `BudgetPort`)."""
+    metrics = Metrics()
     lim = SqliteLimiter(str(tmp_path / "rl.db"), {rl.Period.DAY: tasks} if tasks else {}, strategy=rl.Strategy.FIXED,
-                        tz_name="UTC", metrics=w.metrics, clock=wall,
+                        tz_name="UTC", metrics=metrics, clock=wall,
                         tokens={rl.Period.DAY: tokens} if tokens else None,
                         spend={rl.Period.DAY: parse_money(spend)} if spend != "0" else None, prices={MODEL: PRICE})
-    w.rt.admission.limiter = lim
-    w.rt.ports = attrs.evolve(w.rt.ports, budget=BudgetPort(w.rt))
+    w = make_world(tmp_path, embedder=embedder or Failing(8), MAX_RETRIES=max_retries, limiter=lim, metrics=metrics, **kw)
+    assert isinstance(w.p.stages.embed.ports.budget, BudgetPort)
     return w, lim
 
 
@@ -69,7 +71,7 @@ async def test_a_claim_reserves_the_upper_bound_and_the_call_settles_its_real_us
     claimed = await claim_all(w, works)
     assert len(claimed) == 3
     assert used(lim, rl.Metric.TOKENS) == 900 and used(lim, rl.Metric.SPEND) == 3 * cost(PRICE, 300, 0)
-    await embed.compute_batch(w.rt, claimed, lane[0])
+    await embed.compute_batch(w.p.stages.embed, claimed, lane[0])
     assert drain(lane[1]) == [tid(i) for i in range(3)]
     assert used(lim, rl.Metric.TOKENS) == 303  # what the backend said the call used
     assert used(lim, rl.Metric.SPEND) == 3 * cost(PRICE, 101, 0)
@@ -81,9 +83,9 @@ async def test_a_failed_call_keeps_its_reservation_and_a_refused_claim_gives_it_
     backend = w.embedder
     claimed = await claim_all(w, [w.work(i, TEXT, model=MODEL) for i in range(2)])
     backend.fail = Fault.SERVER  # type: ignore[attr-defined]
-    await embed.compute_batch(w.rt, claimed[:1], lane[0])  # reached the backend, no usage known
+    await embed.compute_batch(w.p.stages.embed, claimed[:1], lane[0])  # reached the backend, no usage known
     assert used(lim, rl.Metric.TOKENS) == 600
-    await w.rt.book.release([tid(1)], "shutdown")  # never reached a backend: given back whole
+    await w.p.book.release([tid(1)], "shutdown")  # never reached a backend: given back whole
     assert used(lim, rl.Metric.TOKENS) == 300
     w.close()
 
@@ -98,11 +100,9 @@ async def test_a_call_retried_after_an_attempt_that_may_have_been_billed_keeps_i
                 raise DependencyError(f"fake: {fault.value}", fault)
             return await super().embed(model, texts, timeout=timeout)
 
-    w, lim = budget_world(tmp_path, tokens=100_000)
-    w.rt.board.adapters[w.backend] = w.rt.ports.embedding[w.backend] = Flaky(8)  # type: ignore[index]
-    w.rt.s = attrs.evolve(w.rt.s, max_retries=2)
+    w, lim = budget_world(tmp_path, tokens=100_000, embedder=Flaky(8), max_retries=2)
     claimed = await claim_all(w, [w.work(0, TEXT, model=MODEL)])
-    await embed.compute_batch(w.rt, claimed, lane[0])
+    await embed.compute_batch(w.p.stages.embed, claimed, lane[0])
     assert drain(lane[1]) == [tid(0)]
     # a malformed answer may have been billed: the reservation stays; a 503 or 429 was not
     assert used(lim, rl.Metric.TOKENS) == tokens
@@ -114,11 +114,11 @@ async def test_a_model_without_a_price_stays_pending_under_a_spend_cap(tmp_path,
     works = [w.work(0, TEXT, model="no-such-price"), w.work(1, TEXT, model=MODEL), w.work(2, TEXT, model="no-such-price")]
     claimed = await claim_all(w, works)
     assert [x.id for x in claimed] == [tid(1)]  # the priced one goes on; the others are not held back by it
-    assert w.rt.book.phase(tid(0)) is None and w.rt.book.phase(tid(2)) is None
+    assert w.p.book.phase(tid(0)) is None and w.p.book.phase(tid(2)) is None
     assert [p.task_id for p in w.api.sent("in_progress")] == [tid(1)]  # never claimed, never failed
-    assert w.rt.book.known(tid(0))  # not taken again at the next poll
+    assert w.p.book.known(tid(0))  # not taken again at the next poll
     assert w.metric("ai_tasks_budget_refused_total", reason="no_price", model="no-such-price") == 2
-    assert "no-such-price" in w.rt.board.budget_refused["no_price"]
+    assert "no-such-price" in w.p.board.budget_refused["no_price"]
     assert used(lim, rl.Metric.SPEND) == cost(PRICE, 300, 0)
     w.close()
 
@@ -135,21 +135,21 @@ async def test_a_budget_pause_ends_when_a_settlement_frees_room(tmp_path, lane, 
     w, lim = budget_world(tmp_path, tokens=700)  # two reservations of 300 fit, a third does not
     claimed = await claim_all(w, [w.work(i, TEXT, model=MODEL) for i in range(3)])
     assert [x.id for x in claimed] == [tid(0), tid(1)]
-    assert w.rt.admission.paused  # a budget pause: at most POLLING_INTERVAL_SECONDS
-    assert w.rt.admission.paused_until <= trio.current_time() + w.rt.s.polling_interval_seconds + 0.01
+    assert w.p.admission.paused  # a budget pause: at most POLLING_INTERVAL_SECONDS
+    assert w.p.admission.paused_until <= trio.current_time() + w.p.config.polling_interval_seconds + 0.01
     woke = trio.Event()
 
     async def sleeper() -> None:
-        await w.rt.admission.sleep_while_paused(w.rt.stopping)
+        await w.p.admission.sleep_while_paused(w.p.stopping)
         woke.set()
 
     async with trio.open_nursery() as n:
         n.start_soon(sleeper)
         await trio.testing.wait_all_tasks_blocked()
         assert not woke.is_set()
-        await embed.compute_batch(w.rt, claimed, lane[0])  # 600 reserved -> 202 used
+        await embed.compute_batch(w.p.stages.embed, claimed, lane[0])  # 600 reserved -> 202 used
         await woke.wait()
-    assert not w.rt.admission.paused
+    assert not w.p.admission.paused
     assert [x.id for x in await claim_all(w, [w.work(2, TEXT, model=MODEL)])] == [tid(2)]
     assert used(lim, rl.Metric.TOKENS) == 502
     w.close()
@@ -158,18 +158,18 @@ async def test_a_budget_pause_ends_when_a_settlement_frees_room(tmp_path, lane, 
 async def test_a_task_tier_pause_is_not_lifted_by_a_settlement(tmp_path, lane, autojump_clock):
     w, _ = budget_world(tmp_path, tokens=100_000, tasks=1)
     claimed = await claim_all(w, [w.work(i, TEXT, model=MODEL) for i in range(2)])
-    assert len(claimed) == 1 and w.rt.admission.paused
-    until = w.rt.admission.paused_until
-    await embed.compute_batch(w.rt, claimed, lane[0])
-    assert w.rt.admission.paused_until == until and until > trio.current_time() + 3600
+    assert len(claimed) == 1 and w.p.admission.paused
+    until = w.p.admission.paused_until
+    await embed.compute_batch(w.p.stages.embed, claimed, lane[0])
+    assert w.p.admission.paused_until == until and until > trio.current_time() + 3600
     w.close()
 
 
 async def test_without_budgets_nothing_is_settled(world: World, lane, autojump_clock):
-    assert world.rt.ports.budget is None
+    assert world.p.stages.embed.ports.budget is None
     claimed = await claim_all(world, [world.work(0)])
-    await embed.compute_batch(world.rt, claimed, lane[0])
-    assert drain(lane[1]) == [tid(0)] and world.rt.book.phase(tid(0)) is Phase.COMPUTED
+    await embed.compute_batch(world.p.stages.embed, claimed, lane[0])
+    assert drain(lane[1]) == [tid(0)] and world.p.book.phase(tid(0)) is Phase.COMPUTED
 
 
 @pytest.mark.parametrize("ollama_serves", [True, False])
@@ -181,7 +181,7 @@ async def test_an_ollama_task_with_a_fallback_is_reserved_at_the_fallbacks_price
     assert len(claimed) == 2 and used(lim, rl.Metric.SPEND) == 2 * cost(PRICE, 300, 0)  # whichever serves it
     if not ollama_serves:
         w.embedder.fail = Fault.MODEL_MISSING  # type: ignore[attr-defined]
-    await embed.compute_batch(w.rt, claimed, lane[0])
+    await embed.compute_batch(w.p.stages.embed, claimed, lane[0])
     assert sorted(drain(lane[1])) == [tid(0), tid(1)]
     assert openai.requests == (0 if ollama_serves else 1)
     # Ollama costs nothing; the fallback costs its price for the tokens it used

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from processor.effects.limiter import LimiterError
+from processor.effects.logs import get_logger
 from processor.pure.breaker import Outcome as BreakerOutcome
 from processor.pure.faults import Fault
 from processor.pure.lifecycle import Phase
@@ -20,7 +21,7 @@ from tests.stages.conftest import World, claim_all, http, make_world, never_sent
 
 
 def _phase(w: World, n: int) -> Phase | None:
-    return w.rt.book.phase(tid(n))
+    return w.p.book.phase(tid(n))
 
 
 async def test_claim_ok_writes_the_journal_row_then_patches_in_progress(world: World, autojump_clock) -> None:
@@ -36,7 +37,7 @@ async def test_claim_ok_writes_the_journal_row_then_patches_in_progress(world: W
     assert not any(r.dispatched for r in rows.values())
     assert world.limiter.refunds == []
     assert world.metric("processor_stage_tasks_total", stage="claimed") == 3
-    assert set(world.rt.book.claimed_at) == {tid(i) for i in range(3)}
+    assert set(world.p.book.claimed_at) == {tid(i) for i in range(3)}
 
 
 @pytest.mark.parametrize("status", [400, 403, 409, 422])
@@ -44,25 +45,25 @@ async def test_claim_refused_is_dropped_refunded_and_its_journal_row_deleted(wor
     world.api.answer(tid(1), "in_progress", http(status, "no"))
     out = await claim_all(world, [world.work(0), world.work(1)])
     assert [x.id for x in out] == [tid(0)]
-    assert _phase(world, 1) is None and not world.rt.book.known(tid(1))
+    assert _phase(world, 1) is None and not world.p.book.known(tid(1))
     assert world.limiter.refunded == [world.limiter.reserved[1]]  # exactly the refused task's unit
     assert world.journal_ids() == {tid(0)}
     assert world.api.sent("pending") == []  # it answered no: nothing to hand back
     assert len(world.api.sent("in_progress", tid(1))) == 1  # a 4xx is never retried
-    assert world.rt.admission.claim_failures == 1 and world.rt.admission.paused  # back off, do not re-poll at once
+    assert world.p.admission.claim_failures == 1 and world.p.admission.paused  # back off, do not re-poll at once
 
 
 async def test_claim_of_a_task_gone_404_refunds_and_remembers_the_id_without_backing_off(world: World, autojump_clock) -> None:
     world.api.answer(tid(0), "in_progress", http(404))
     assert await claim_all(world, [world.work(0)]) == []
     assert len(world.limiter.refunded) == 1
-    assert world.rt.book.known(tid(0))  # a stale pending list may still show it: not taken again
-    assert world.rt.admission.claim_failures == 0 and not world.rt.admission.paused
+    assert world.p.book.known(tid(0))  # a stale pending list may still show it: not taken again
+    assert world.p.admission.claim_failures == 0 and not world.p.admission.paused
     assert world.journal_ids() == set()
 
 
 async def test_claim_with_no_answer_is_handed_back_with_patch_pending_and_refunded(world: World, autojump_clock) -> None:
-    attempts = world.rt.s.max_retries + 1
+    attempts = world.p.config.max_retries + 1
     world.api.answer(tid(0), "in_progress", *[no_answer()] * attempts)
     out = await claim_all(world, [world.work(0), world.work(1)])
     assert [x.id for x in out] == [tid(1)]
@@ -77,7 +78,7 @@ async def test_claim_with_no_answer_is_handed_back_with_patch_pending_and_refund
 
 
 async def test_claim_unknown_whose_release_fails_too_keeps_its_journal_row(world: World, autojump_clock) -> None:
-    world.api.answer(tid(0), "in_progress", *[http(502)] * (world.rt.s.max_retries + 1))
+    world.api.answer(tid(0), "in_progress", *[http(502)] * (world.p.config.max_retries + 1))
     world.api.answer(tid(0), "pending", http(502))
     assert await claim_all(world, [world.work(0)]) == []
     assert _phase(world, 0) is None  # LEFT: this process is done with it
@@ -91,7 +92,7 @@ async def test_a_transient_claim_failure_is_retried(world: World, autojump_clock
     assert [x.id for x in out] == [tid(0)]
     assert [p.answer for p in world.api.sent("in_progress")][-1] == "ok"
     assert len(world.api.sent("in_progress")) == 3
-    assert world.limiter.refunds == [] and world.rt.admission.claim_failures == 0
+    assert world.limiter.refunds == [] and world.p.admission.claim_failures == 0
     assert world.metric("processor_retries_total", dependency="api", reason="claim") == 2
 
 
@@ -109,7 +110,7 @@ async def test_journal_write_failure_refunds_everything_and_patches_nothing(worl
     assert world.api.patches == []  # no claim without its trail
     assert sorted(r.at for r in world.limiter.refunded) == sorted(r.at for r in world.limiter.reserved)
     assert len(world.limiter.reserved) == 3
-    assert len(world.rt.book) == 0
+    assert len(world.p.book) == 0
 
 
 async def test_partial_admission_claims_what_fits_and_pauses_until_capacity_frees(world: World, autojump_clock) -> None:
@@ -118,16 +119,16 @@ async def test_partial_admission_claims_what_fits_and_pauses_until_capacity_free
     out = await claim_all(world, [world.work(i) for i in range(5)])
     assert [x.id for x in out] == [tid(0), tid(1)]
     assert {p.task_id for p in world.api.patches} == {tid(0), tid(1)}
-    assert len(world.rt.book) == 2  # the other three are dropped (left pending, never charged)
+    assert len(world.p.book) == 2  # the other three are dropped (left pending, never charged)
     assert world.limiter.refunds == []
-    assert world.rt.admission.paused_until == pytest.approx(trio.current_time() + 7.0, abs=0.01)
+    assert world.p.admission.paused_until == pytest.approx(trio.current_time() + 7.0, abs=0.01)
 
 
 async def test_a_limiter_error_claims_nothing_and_pauses(world: World, autojump_clock) -> None:
     world.limiter.fail = LimiterError(Fault.UNREACHABLE, "store unreachable")
     assert await claim_all(world, [world.work(i) for i in range(3)]) == []
-    assert world.api.patches == [] and len(world.rt.book) == 0 and world.journal_ids() == set()
-    assert world.rt.admission.paused_until >= trio.current_time() + 4.9
+    assert world.api.patches == [] and len(world.p.book) == 0 and world.journal_ids() == set()
+    assert world.p.admission.paused_until >= trio.current_time() + 4.9
 
 
 async def test_leases_that_cannot_be_taken_claim_nothing(world: World, autojump_clock) -> None:
@@ -138,9 +139,9 @@ async def test_leases_that_cannot_be_taken_claim_nothing(world: World, autojump_
         async def release(self, ids: object) -> None:
             raise ConnectionError("redis down")
 
-    world.rt.admission.leases = Down()  # type: ignore[assignment]
+    world.p.admission.leases = Down()  # type: ignore[assignment]
     assert await claim_all(world, [world.work(0)]) == []
-    assert world.limiter.admits == [] and world.api.patches == [] and world.rt.admission.paused
+    assert world.limiter.admits == [] and world.api.patches == [] and world.p.admission.paused
 
 
 async def test_a_limiter_error_gives_back_the_leases_just_taken(world: World, autojump_clock) -> None:
@@ -159,8 +160,8 @@ async def test_a_limiter_error_gives_back_the_leases_just_taken(world: World, au
             self.owned.difference_update(ids)
 
     leases = Held()
-    world.rt.admission.leases = leases  # type: ignore[assignment]
-    world.rt.book.ports = attrs.evolve(world.rt.book.ports, leases=leases)
+    world.p.admission.leases = leases  # type: ignore[assignment]
+    world.p.book.ports = attrs.evolve(world.p.book.ports, leases=leases)
     world.limiter.fail = LimiterError(Fault.UNREACHABLE, "redis restarting")
     for round_ in range(20):
         assert await claim_all(world, [world.work(10 * round_ + i) for i in range(3)]) == []
@@ -178,7 +179,7 @@ async def test_leases_held_elsewhere_are_not_claimed(world: World, autojump_cloc
         async def release(self, ids: object) -> None:
             return None
 
-    world.rt.admission.leases = Half()  # type: ignore[assignment]
+    world.p.admission.leases = Half()  # type: ignore[assignment]
     out = await claim_all(world, [world.work(i) for i in range(4)])
     assert [x.id for x in out] == [tid(0), tid(2)]
     assert world.limiter.admits == [2]
@@ -196,7 +197,7 @@ async def test_openai_limiter_error_refunds_the_global_units(openai_world: World
     w.openai_limiter.fail = LimiterError(Fault.SERVER, "disk full")
     assert await claim_all(w, [w.work(i) for i in range(3)]) == []
     assert sorted(r.at for r in w.limiter.refunded) == sorted(r.at for r in w.limiter.reserved)
-    assert w.api.patches == [] and w.rt.admission.paused
+    assert w.api.patches == [] and w.p.admission.paused
 
 
 async def test_openai_caps_partial_refunds_the_global_units_of_the_refused_only(openai_world: World, autojump_clock) -> None:
@@ -208,14 +209,14 @@ async def test_openai_caps_partial_refunds_the_global_units_of_the_refused_only(
     # a refused task was never charged by the OpenAI limiter: nothing of it goes back there
     assert all(r is not None for r in w.openai_limiter.refunded)
     assert w.openai_limiter.refunded == []
-    assert w.rt.admission.paused
+    assert w.p.admission.paused
 
 
 async def test_a_backend_whose_breaker_is_open_gets_no_claims(world: World, autojump_clock) -> None:
-    guard = world.rt.board.guards[world.backend]
+    guard = world.p.board.guards[world.backend]
     guard.force_open()
     assert await claim_all(world, [world.work(0), world.work(1)]) == []
-    assert world.limiter.admits == [] and len(world.rt.book) == 0
+    assert world.limiter.admits == [] and len(world.p.book) == 0
     await trio.sleep(guard.blocked_until() - trio.current_time() + 0.1)  # type: ignore[operator]
     out = await claim_all(world, [world.work(2), world.work(3)])
     assert [x.id for x in out] == [tid(2), tid(3)]  # half-open: one group, the probe's
@@ -224,18 +225,18 @@ async def test_a_backend_whose_breaker_is_open_gets_no_claims(world: World, auto
 
 
 async def test_while_stopping_nothing_is_claimed(world: World, autojump_clock) -> None:
-    world.rt.stopping.set()
+    world.p.stopping.set()
     assert await claim_all(world, [world.work(0)]) == []
-    assert world.limiter.admits == [] and world.api.patches == [] and len(world.rt.book) == 0
+    assert world.limiter.admits == [] and world.api.patches == [] and len(world.p.book) == 0
 
 
 async def test_admit_is_the_lease_and_limit_step_alone(world: World, autojump_clock) -> None:
     works = [world.work(i) for i in range(3)]
     for x in works:
-        world.rt.book.take(x)
+        world.p.book.take(x)
     world.limiter.room = 1
-    admitted = await claim.admit(world.rt, works, world.rt.log)
+    admitted = await claim.admit(world.p.stages.claim, works, get_logger("daemon"))
     assert [x.id for x in admitted] == [tid(0)]
-    assert world.rt.book.phase(tid(0)) is Phase.RESERVED
-    assert world.rt.book.records[tid(0)].charges == (("global", world.limiter.reserved[0]),)
-    assert world.rt.book.phase(tid(1)) is None and world.rt.book.phase(tid(2)) is None
+    assert world.p.book.phase(tid(0)) is Phase.RESERVED
+    assert world.p.book.records[tid(0)].charges == (("global", world.limiter.reserved[0]),)
+    assert world.p.book.phase(tid(1)) is None and world.p.book.phase(tid(2)) is None

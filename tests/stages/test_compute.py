@@ -32,12 +32,12 @@ async def _run(w: World, works: Sequence[Work], lane) -> list[str]:
     """Claim `works`, compute them as one batch; returns the ids handed to the reporter."""
     claimed = await claim_all(w, works)
     assert len(claimed) == len(works)
-    await embed.compute_batch(w.rt, list(claimed), lane[0])
+    await embed.compute_batch(w.p.stages.embed, list(claimed), lane[0])
     return drain(lane[1])
 
 
 def _outcome(w: World, n: int):
-    rec = w.rt.book.records[tid(n)]
+    rec = w.p.book.records[tid(n)]
     assert rec.phase is Phase.COMPUTED
     return rec.outcome
 
@@ -73,7 +73,7 @@ async def test_input_fault_splits_down_to_the_lone_bad_task_which_alone_fails(wo
     assert all(_outcome(world, i).state == "succeeded" for i in range(8) if i != 5)
     sizes = [len(c) for c in world.embedder.calls if any("BAD" in t for t in c)]
     assert sizes == [8, 4, 2, 1]  # halves until the bad input is alone
-    assert world.rt.board.guards[world.backend].state.state is State.CLOSED  # a task's defect never trips it
+    assert world.p.board.guards[world.backend].state.state is State.CLOSED  # a task's defect never trips it
     assert world.api.sent("pending") == []
 
 
@@ -84,7 +84,7 @@ async def test_server_fault_splits_and_the_lone_task_is_handed_back_not_failed(w
     assert sorted(ids) == [tid(0), tid(2), tid(3)]
     assert [len(c) for c in world.embedder.calls if any("CRASH" in t for t in c)] == [4, 2, 1]
     assert _released(world) == {tid(1)}
-    assert world.rt.book.phase(tid(1)) is None and tid(1) not in world.outbox_ids()
+    assert world.p.book.phase(tid(1)) is None and tid(1) not in world.outbox_ids()
     assert world.journal.attempts([tid(1)]) == {}  # nobody answered meanwhile: not counted
 
 
@@ -93,12 +93,12 @@ async def test_a_storm_of_5xx_fails_no_task_and_opens_the_breaker(world: World, 
     works = [world.work(i) for i in range(8)]
     assert await _run(world, works, lane) == []
     assert _released(world) == {w.id for w in works}
-    assert world.rt.board.guards[world.backend].is_open
+    assert world.p.board.guards[world.backend].is_open
     # split calls do not count against the backend (one input may be the cause); five lone
     # failures (the threshold) open it and the rest go back uncalled: never a storm
     lone = [c for c in world.embedder.calls if len(c) == 1]
     assert len(lone) == 5 and len(world.embedder.calls) < 2 * len(works)
-    assert len(world.rt.book) == 0 and world.outbox_ids() == set()
+    assert len(world.p.book) == 0 and world.outbox_ids() == set()
 
 
 async def test_one_poison_input_in_a_big_batch_never_opens_the_breaker(world: World, lane, autojump_clock) -> None:
@@ -108,17 +108,17 @@ async def test_one_poison_input_in_a_big_batch_never_opens_the_breaker(world: Wo
     works = [world.work(0, "makes it CRASH")] + [world.work(i) for i in range(1, 64)]  # first: every left half holds it
     ids = await _run(world, works, lane)
     assert sorted(ids) == sorted(tid(i) for i in range(1, 64))
-    assert world.rt.board.guards[world.backend].state.state is State.CLOSED
+    assert world.p.board.guards[world.backend].state.state is State.CLOSED
     assert _released(world) == {tid(0)}
 
 
 async def test_busy_is_retried_and_then_released_never_failed(world: World, lane, autojump_clock) -> None:
     world.embedder.poison = {"text": Fault.BUSY}
     assert await _run(world, [world.work(0), world.work(1)], lane) == []
-    assert len(world.embedder.calls) == 1 + world.rt.s.max_retries
+    assert len(world.embedder.calls) == 1 + world.p.config.max_retries
     assert _released(world) == {tid(0), tid(1)}
     assert world.journal.attempts([tid(0), tid(1)]) == {}
-    assert world.rt.board.guards[world.backend].state.state is State.CLOSED  # busy never trips it
+    assert world.p.board.guards[world.backend].state.state is State.CLOSED  # busy never trips it
     assert world.metric("ai_tasks_released_total", reason="backend_unavailable") == 2
 
 
@@ -134,10 +134,10 @@ async def test_rate_limited_waits_what_the_server_asked(world: World, lane, auto
     world.embedder.retry_after = 12.5
     claimed = await claim_all(world, [world.work(0)])
     t0 = trio.current_time()
-    await embed.compute_batch(world.rt, claimed, lane[0])
+    await embed.compute_batch(world.p.stages.embed, claimed, lane[0])
     assert drain(lane[1]) == [tid(0)]
     assert trio.current_time() - t0 >= 12.5  # virtual seconds
-    assert world.rt.board.guards[world.backend].state.state is State.CLOSED
+    assert world.p.board.guards[world.backend].state.state is State.CLOSED
 
 
 @pytest.mark.parametrize("fault", [Fault.PARAMETER, Fault.AUTH, Fault.QUOTA])
@@ -148,19 +148,19 @@ async def test_a_whole_backend_fault_makes_it_unusable_releases_and_opens_the_br
     assert await _run(world, [world.work(0), world.work(1)], lane) == []
     assert len(world.embedder.calls) == 1  # no retry, no split: the fix is a setting
     assert _released(world) == {tid(0), tid(1)}
-    guard = world.rt.board.guards[world.backend]
+    guard = world.p.board.guards[world.backend]
     assert guard.is_open
     if fault is Fault.QUOTA:
-        assert world.backend in world.rt.board.quota and world.backend not in world.rt.board.down
+        assert world.backend in world.p.board.quota and world.backend not in world.p.board.down
         assert world.metric("embedding_quota_exhausted", backend=world.backend.value) == 1
     else:
-        assert world.backend in world.rt.board.down and world.backend not in world.rt.board.quota
+        assert world.backend in world.p.board.down and world.backend not in world.p.board.quota
     assert world.limiter.refunds == []  # they reached the backend: units stay spent
     assert world.outbox_ids() == set() and world.journal_ids() == set()
     # once the breaker lets a probe through and it works, the verdict is cleared
     await trio.sleep(guard.blocked_until() - trio.current_time() + 0.1)  # type: ignore[operator]
     assert await _run(world, [world.work(2)], lane) == [tid(2)]
-    assert world.rt.board.down == {} and world.rt.board.quota == {}
+    assert world.p.board.down == {} and world.p.board.quota == {}
     assert world.metric("embedding_quota_exhausted", backend=world.backend.value) == 0
     assert guard.state.state is State.CLOSED
 
@@ -169,34 +169,34 @@ async def test_vectors_of_another_size_are_the_backends_fault(world: World, lane
     world.embedder.answer_dim = 8  # expected 4
     assert await _run(world, [world.work(0), world.work(1)], lane) == []
     assert _released(world) == {tid(0), tid(1)}
-    assert world.rt.board.guards[world.backend].is_open
-    assert "8-dimensional" in world.rt.board.down[world.backend]
+    assert world.p.board.guards[world.backend].is_open
+    assert "8-dimensional" in world.p.board.down[world.backend]
 
 
 async def test_unreachable_after_retries_marks_the_backend_down(world: World, lane, autojump_clock) -> None:
     world.embedder.poison = {"text": Fault.UNREACHABLE}
     assert await _run(world, [world.work(0)], lane) == []
-    assert len(world.embedder.calls) == 1 + world.rt.s.max_retries
-    assert _released(world) == {tid(0)} and world.backend in world.rt.board.down
-    assert world.rt.board.guards[world.backend].is_open
+    assert len(world.embedder.calls) == 1 + world.p.config.max_retries
+    assert _released(world) == {tid(0)} and world.backend in world.p.board.down
+    assert world.p.board.guards[world.backend].is_open
 
 
 async def test_a_missing_model_releases_its_tasks_and_names_the_model(world: World, lane, autojump_clock) -> None:
     world.embedder.faults = [Fault.MODEL_MISSING]
     assert await _run(world, [world.work(0), world.work(1)], lane) == []
     assert _released(world) == {tid(0), tid(1)}
-    assert MODEL in world.rt.board.unservable
-    assert world.rt.board.model_unusable(MODEL) is not None
-    assert not world.rt.board.guards[world.backend].is_open  # the backend itself is fine
+    assert MODEL in world.p.board.unservable
+    assert world.p.board.model_unusable(MODEL) is not None
+    assert not world.p.board.guards[world.backend].is_open  # the backend itself is fine
     assert world.metric("ai_tasks_released_total", reason="model_unservable") == 2
     await trio.sleep(MODEL_RECHECK)
-    assert world.rt.board.model_unusable(MODEL) is None  # tried again after a while
+    assert world.p.board.model_unusable(MODEL) is None  # tried again after a while
 
 
 async def test_an_open_breaker_hands_the_batch_back_uncalled(world: World, lane, autojump_clock) -> None:
     claimed = await claim_all(world, [world.work(0)])
-    world.rt.board.guards[world.backend].force_open()
-    await embed.compute_batch(world.rt, claimed, lane[0])
+    world.p.board.guards[world.backend].force_open()
+    await embed.compute_batch(world.p.stages.embed, claimed, lane[0])
     assert world.embedder.calls == [] and _released(world) == {tid(0)}
     assert len(world.limiter.refunded) == 1  # never reached a backend: its unit goes back
 
@@ -237,11 +237,11 @@ async def _round(w: World, poison: Work, good: Work | None, lane) -> None:
     w.embedder.before = before
     claimed = await claim_all(w, [poison] + ([good] if good else []))
     async with trio.open_nursery() as n:
-        n.start_soon(embed.compute_batch, w.rt, [claimed[0]], lane[0])
+        n.start_soon(embed.compute_batch, w.p.stages.embed, [claimed[0]], lane[0])
         await entered.wait()
         await trio.sleep(1.0)
         if good is not None:
-            await embed.compute_batch(w.rt, [claimed[1]], lane[0])
+            await embed.compute_batch(w.p.stages.embed, [claimed[1]], lane[0])
         gate.set()
 
 
@@ -259,9 +259,9 @@ async def test_retry_later_counts_only_when_the_backend_answered_others_and_fail
         for k in (1, 2):
             await _round(w, poison, w.work(k), lane)
             assert w.journal.attempts([poison.id]) == {poison.id: k}
-            assert w.api.states[poison.id] == "pending" and w.rt.book.phase(poison.id) is None
+            assert w.api.states[poison.id] == "pending" and w.p.book.phase(poison.id) is None
         await _round(w, poison, w.work(3), lane)
-        out = w.rt.book.records[poison.id].outcome
+        out = w.p.book.records[poison.id].outcome
         assert out is not None and out.state == "failed" and "gave up after 3 attempts" in (out.reason or "")
         assert poison.id in drain(lane[1])
         assert w.journal.attempts([poison.id]) == {}
@@ -289,20 +289,20 @@ async def test_a_batch_queued_at_shutdown_is_handed_back(world: World, lane, aut
 
     claimed = await claim_all(world, [world.work(0), world.work(1)])
     bs, br = trio.open_memory_channel(1)
-    world.rt.stopping.set()
+    world.p.stopping.set()
     bs.send_nowait(Batch(("text_embedding", world.backend, MODEL), tuple(claimed), 0.0))
     bs.close()
-    await embed.embed_worker(world.rt, br, lane[0].clone())
+    await embed.embed_worker(world.p.stages.embed, br, lane[0].clone())
     assert world.embedder.calls == [] and _released(world) == {tid(0), tid(1)}
     assert world.metric("ai_tasks_released_total", reason="shutdown") == 2
 
 
 async def test_the_batcher_closes_a_batch_when_full_or_after_the_wait(world: World, autojump_clock) -> None:
-    world_s = world.rt.s
+    world_s = world.p.config
     cs, cr = trio.open_memory_channel[Work](100)
     bs, br = trio.open_memory_channel(100)
     async with trio.open_nursery() as n:
-        n.start_soon(embed.batcher, world.rt, cr, bs)
+        n.start_soon(embed.batcher, world.p.stages.batch, cr, bs)
         for i in range(world_s.max_batch_size + 1):
             await cs.send(world.work(i))
         first = await br.receive()
@@ -319,23 +319,26 @@ async def test_an_openai_backend_unusable_is_its_own(tmp_path, lane, autojump_cl
     w.embedder.faults = [Fault.AUTH]
     try:
         assert await _run(w, [w.work(0)], lane) == []
-        assert Backend.OPENAI in w.rt.board.down
+        assert Backend.OPENAI in w.p.board.down
     finally:
         w.close()
 
 
-async def test_a_result_whose_lease_was_lost_is_abandoned_not_reported(world: World, lane, autojump_clock) -> None:
+async def test_a_result_whose_lease_was_lost_is_abandoned_not_reported(tmp_path, lane, autojump_clock) -> None:
     from processor.effects.leases import NoLeases
 
     class Lost(NoLeases):
         def lost(self) -> set[str]:
             return {tid(1)}
 
-    world.rt.admission.leases = Lost()
-    ids = await _run(world, [world.work(0), world.work(1)], lane)
-    assert ids == [tid(0)]
-    assert world.rt.book.phase(tid(1)) is None and tid(1) not in world.outbox_ids() and tid(1) not in world.journal_ids()
-    assert world.rt.book.known(tid(1))  # another replica owns it now: not taken again soon
+    world = make_world(tmp_path, leases=Lost())
+    try:
+        ids = await _run(world, [world.work(0), world.work(1)], lane)
+        assert ids == [tid(0)]
+        assert world.p.book.phase(tid(1)) is None and tid(1) not in world.outbox_ids() and tid(1) not in world.journal_ids()
+        assert world.p.book.known(tid(1))  # another replica owns it now: not taken again soon
+    finally:
+        world.close()
 
 
 async def test_a_missing_ollama_model_falls_back_when_configured(tmp_path, lane, autojump_clock) -> None:
@@ -350,7 +353,7 @@ async def test_a_missing_ollama_model_falls_back_when_configured(tmp_path, lane,
         assert sorted(ids) == [tid(0), tid(1)]
         assert openai.calls == [["text number 0", "text number 1"]]
         assert all(_outcome(w, i).state == "succeeded" for i in range(2))
-        assert w.api.sent("pending") == [] and w.rt.board.unservable == {}
+        assert w.api.sent("pending") == [] and w.p.board.unservable == {}
         assert w.metric("embedding_fallbacks_total", model=MODEL, fallback="text-embedding-3-small") == 2
     finally:
         w.close()
@@ -376,7 +379,7 @@ async def test_an_outbox_that_cannot_be_written_still_reports_the_results(world:
     works = [world.work(i) for i in range(3)]
     claimed = await claim_all(world, works)
     world.journal.db.close()  # the state store is gone (disk, permissions): every write fails
-    await embed.compute_batch(world.rt, list(claimed), lane[0])
+    await embed.compute_batch(world.p.stages.embed, list(claimed), lane[0])
     assert sorted(drain(lane[1])) == sorted(w.id for w in works)
-    assert all(world.rt.book.phase(w.id) is Phase.COMPUTED for w in works)
+    assert all(world.p.book.phase(w.id) is Phase.COMPUTED for w in works)
     assert world.metric("ai_tasks_rejected_total", reason="outbox_write_failed") == 3

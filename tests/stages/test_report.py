@@ -1,4 +1,4 @@
-"""The report stage (`stages/report.py`, `Runtime.report`): PATCH succeeded/failed until the
+"""The report stage (`stages/report.py`, `Reporter.report`): PATCH succeeded/failed until the
 API takes it; a refused result is reported failed with why, once; the outbox is kept when
 shutdown gives up."""
 
@@ -18,7 +18,7 @@ async def _computed(w: World, *outcomes: Outcome) -> list[str]:
     """Claim one task per outcome and store the outcomes (outbox), as the compute stage does."""
     works = [w.work(i) for i in range(len(outcomes))]
     await claim_all(w, works)
-    ids = await w.rt.deliver({x.id: o for x, o in zip(works, outcomes, strict=True)})
+    ids = await w.p.stages.report.deliver({x.id: o for x, o in zip(works, outcomes, strict=True)})
     assert w.outbox_ids() == set(ids)
     return ids
 
@@ -29,12 +29,12 @@ def _processed(w: World, state: str) -> float:
 
 async def test_a_result_taken_by_the_api_ends_the_story(world: World, autojump_clock) -> None:
     ids = await _computed(world, Outcome.success(VECTOR), Outcome.failure("empty text"))
-    await report.report_batch(world.rt, ids)
+    await report.report_batch(world.p.stages.report, ids)
     ok, bad = world.api.sent(task_id=ids[0]), world.api.sent(task_id=ids[1])
     assert [(p.state, p.result) for p in ok if p.state != "in_progress"] == [("succeeded", VECTOR)]
     assert [(p.state, p.reason) for p in bad if p.state != "in_progress"] == [("failed", "empty text")]
     assert world.outbox_ids() == set() and world.journal_ids() == set()
-    assert len(world.rt.book) == 0 and all(world.rt.book.known(i) for i in ids)
+    assert len(world.p.book) == 0 and all(world.p.book.known(i) for i in ids)
     assert _processed(world, "succeeded") == 1 and _processed(world, "failed") == 1
     assert world.metric("processor_stage_tasks_total", stage="reported") == 2
 
@@ -42,15 +42,15 @@ async def test_a_result_taken_by_the_api_ends_the_story(world: World, autojump_c
 async def test_a_task_gone_404_is_done(world: World, autojump_clock) -> None:
     [i] = await _computed(world, Outcome.success(VECTOR))
     world.api.answer(i, "succeeded", http(404))
-    assert await world.rt.report(i) is not None
+    assert await world.p.stages.report.report(i) is not None
     assert len(world.api.sent("succeeded")) == 1
-    assert world.outbox_ids() == set() and world.rt.book.phase(i) is None
+    assert world.outbox_ids() == set() and world.p.book.phase(i) is None
 
 
 async def test_a_refused_result_is_reported_failed_with_why_once(world: World, autojump_clock) -> None:
     [i] = await _computed(world, Outcome.success(VECTOR))
     world.api.answer(i, "succeeded", http(400, "result must have 1024 floats"))
-    await report.report_batch(world.rt, [i])
+    await report.report_batch(world.p.stages.report, [i])
     [failed] = world.api.sent("failed")
     assert failed.answer == "ok" and "the platform refused the result" in (failed.reason or "")
     assert "1024 floats" in (failed.reason or "")
@@ -65,16 +65,16 @@ async def test_a_second_refusal_ends_it(world: World, autojump_clock) -> None:
     [i] = await _computed(world, Outcome.success(VECTOR))
     world.api.answer(i, "succeeded", http(400))
     world.api.answer(i, "failed", http(400))
-    ended = await world.rt.report(i)
+    ended = await world.p.stages.report.report(i)
     assert ended is not None and ended.state == "failed" and "refused the result: 400" in (ended.reason or "")
     assert [p.state for p in world.api.patches if p.state != "in_progress"] == ["succeeded", "failed"]
-    assert world.rt.book.phase(i) is None and world.outbox_ids() == set() and world.journal_ids() == set()
+    assert world.p.book.phase(i) is None and world.outbox_ids() == set() and world.journal_ids() == set()
 
 
 async def test_a_refused_failure_ends_it_at_once(world: World, autojump_clock) -> None:
     [i] = await _computed(world, Outcome.failure("text is empty"))
     world.api.answer(i, "failed", http(400))
-    assert await world.rt.report(i) is not None
+    assert await world.p.stages.report.report(i) is not None
     assert len(world.api.sent("failed")) == 1 and world.outbox_ids() == set()
 
 
@@ -82,9 +82,9 @@ async def test_a_refused_failure_ends_it_at_once(world: World, autojump_clock) -
 async def test_transient_errors_are_retried_until_taken(world: World, autojump_clock, error) -> None:
     [i] = await _computed(world, Outcome.success(VECTOR))
     world.api.answer(i, "succeeded", error, error, error)
-    assert await world.rt.report(i) is not None
+    assert await world.p.stages.report.report(i) is not None
     assert [p.answer == "ok" for p in world.api.sent("succeeded")] == [False, False, False, True]
-    assert world.outbox_ids() == set() and world.rt.book.phase(i) is None
+    assert world.outbox_ids() == set() and world.p.book.phase(i) is None
 
 
 async def test_a_report_waits_for_the_api_breaker(world: World, autojump_clock) -> None:
@@ -93,28 +93,28 @@ async def test_a_report_waits_for_the_api_breaker(world: World, autojump_clock) 
     world.api.answer(i, "succeeded", never_sent())
     until = world.api.guard.blocked_until()
     assert until is not None
-    assert await world.rt.report(i) is not None
+    assert await world.p.stages.report.report(i) is not None
     assert trio.current_time() >= until  # the retry waited until the breaker let calls through
 
 
 async def test_shutdown_gives_up_and_keeps_the_outbox(world: World, autojump_clock) -> None:
     [i] = await _computed(world, Outcome.success(VECTOR))
-    world.rt.stopping.set()
+    world.p.stopping.set()
     world.api.always[(i, "succeeded")] = http(502)
-    assert await world.rt.report(i) is None
+    assert await world.p.stages.report.report(i) is None
     assert len(world.api.sent("succeeded")) == 3  # a few tries, bounded
     assert world.outbox_ids() == {i} and world.journal_ids() == {i}  # the next start reports it
-    assert world.rt.book.phase(i) is Phase.COMPUTED
-    await report.report_batch(world.rt, [i])
+    assert world.p.book.phase(i) is Phase.COMPUTED
+    await report.report_batch(world.p.stages.report, [i])
     assert _processed(world, "succeeded") == 0
 
 
 async def test_shutdown_does_not_wait_for_a_request_that_cannot_leave(world: World, autojump_clock) -> None:
     [i] = await _computed(world, Outcome.success(VECTOR))
-    world.rt.stopping.set()
+    world.p.stopping.set()
     world.api.always[(i, "succeeded")] = never_sent()
     t0 = trio.current_time()
-    assert await world.rt.report(i) is None
+    assert await world.p.stages.report.report(i) is None
     assert len(world.api.sent("succeeded")) == 1 and trio.current_time() == t0
     assert world.outbox_ids() == {i}
 
@@ -126,7 +126,7 @@ async def test_the_reporter_reports_every_batch_it_is_given(world: World, autoju
     async with send:
         await send.send(ids[:3])
         await send.send(ids[3:])
-    await report.reporter(world.rt, recv)
+    await report.reporter(world.p.stages.report, recv)
     assert {p.task_id for p in world.api.sent("succeeded") if p.answer == "ok"} == set(ids)
     assert world.outbox_ids() == set() and _processed(world, "succeeded") == 6
 
@@ -135,14 +135,14 @@ async def test_a_report_the_api_does_not_answer_does_not_hold_the_others_of_its_
     ids = await _computed(world, *[Outcome.success(VECTOR)] * 3)
     world.api.hold[(ids[1], "succeeded")] = trio.Event()  # this one PATCH hangs (never answered)
     async with trio.open_nursery() as n:
-        n.start_soon(report.report_batch, world.rt, ids)
+        n.start_soon(report.report_batch, world.p.stages.report, ids)
         await trio.sleep(report.SETTLE_WAIT + 0.5)  # virtual; the settling write runs on a thread:
         for _ in range(1_000_000):  # wait for it without moving the clock
-            if len(world.rt.book) == 1:
+            if len(world.p.book) == 1:
                 break
             await trio.lowlevel.checkpoint()
         # the two the API took are done: rows gone, out of the book (their room is free)
-        assert set(world.rt.book.records) == {ids[1]}
+        assert set(world.p.book.records) == {ids[1]}
         assert world.outbox_ids() == {ids[1]} and world.journal_ids() == {ids[1]}
         n.cancel_scope.cancel()
     assert world.outbox_ids() == {ids[1]}  # the one not taken stays for later

@@ -12,7 +12,7 @@ Some gauges are computed when Prometheus scrapes, from the running daemon's stat
 never freeze while a stage is idle: the outbox's oldest result's age, the age of the backlog
 figure, why the poller is idle (`processor_intake_paused{reason}`), and how many secret values
 the log redactor holds (`processor_redactor_secrets`: a count, never a value). The daemon
-registers its runtime once with `Metrics.watch(rt, models=...)`.
+registers its pipeline once with `Metrics.watch(pipeline, models=...)`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
@@ -31,7 +31,33 @@ import processor
 from processor.effects.logs import REDACTOR
 
 if TYPE_CHECKING:
-    from processor.runtime import Runtime
+    from processor.board import Admission, BackendBoard
+    from processor.book import Book
+    from processor.effects.api import TaskApi
+    from processor.effects.auth import TokenProvider
+    from processor.pure.tasks import Routing
+    from processor.runtime import StageConfig
+
+
+class Watched(Protocol):
+    """What the scrape-time gauges read of a running daemon (`processor.wiring.Pipeline`)."""
+
+    @property
+    def config(self) -> StageConfig: ...
+    @property
+    def routing(self) -> Routing: ...
+    @property
+    def book(self) -> Book: ...
+    @property
+    def board(self) -> BackendBoard: ...
+    @property
+    def admission(self) -> Admission: ...
+    @property
+    def api(self) -> TaskApi: ...
+    @property
+    def tokens(self) -> TokenProvider: ...
+    @property
+    def stopping(self) -> trio.Event: ...
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 AGE_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
@@ -82,7 +108,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, models: Iterable[str] | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self._models: frozenset[str] | None = None
-        self._runtime: Runtime | None = None
+        self._runtime: Watched | None = None
 
         def model_counter(name: str, doc: str, labels: list[str], model_labels: tuple[str, ...] = ("model",)) -> _ModelCounter:
             c = _ModelCounter(name, doc, labels, registry=r)
@@ -191,26 +217,26 @@ class Metrics:
         return OTHER_MODEL
 
     # -- registration by the daemon --------------------------------------------------------
-    def watch(self, rt: Runtime, *, models: Iterable[str]) -> None:
+    def watch(self, w: Watched, *, models: Iterable[str]) -> None:
         """Register the running daemon: the models its settings name (and the fallbacks)
         bound the model label and pre-create the labelled series; its state feeds the gauges
         computed at scrape time."""
-        s = rt.s
+        s = w.config
         named = [*models, *s.fallback_models.keys(), *s.fallback_models.values()]
         self.set_models(named)
-        self._runtime = rt
-        self.outbox_oldest.set_function(lambda: _outbox_oldest_age(rt))
+        self._runtime = w
+        self.outbox_oldest.set_function(lambda: _outbox_oldest_age(w))
         models = sorted(set(named))
-        for b in rt.backends:
+        for b in w.board.adapters:
             self.quota_exhausted.labels(b.value)
             self.batch_size.labels(b.value)
             for m in models:
-                if rt.routing.backend_for(m) is b:
+                if w.routing.backend_for(m) is b:
                     for outcome in EMBED_OUTCOMES:
                         self.backend_requests.labels(b.value, m, outcome)
         for m, fb in s.fallback_models.items():
             self.fallbacks.labels(m, fb)
-        for g in (rt.api.guard, rt.tokens.guard, *rt.backend_guards.values()):
+        for g in (w.api.guard, w.tokens.guard, *w.board.guards.values()):
             self.breaker_state.labels(g.name)
 
     def _preinit_static(self) -> None:
@@ -235,23 +261,23 @@ class Metrics:
             self.retries.labels(dep, why)
 
 
-def _outbox_oldest_age(rt: Runtime) -> float:
-    return rt.book.oldest_result_age()
+def _outbox_oldest_age(w: Watched) -> float:
+    return w.book.oldest_result_age()
 
 
-def pause_reasons(rt: Runtime) -> dict[str, bool]:
+def pause_reasons(w: Watched) -> dict[str, bool]:
     """Why the poller would not poll now (the conditions `stages.intake.poller` waits on)."""
     try:
         now = trio.current_time()
     except RuntimeError:  # not inside the daemon's Trio run (a scrape from another thread)
         now = None
     out = dict.fromkeys(PAUSE_REASONS, False)
-    out["shutting_down"] = rt.stopping.is_set()
-    out["intake_full"] = len(rt.book) > rt.book.capacity // 2  # what Book.wait_for_room waits on
+    out["shutting_down"] = w.stopping.is_set()
+    out["intake_full"] = len(w.book) > w.book.capacity // 2  # what Book.wait_for_room waits on
     if now is not None:
-        out["rate_limited"] = now < rt.admission_paused_until
-        out["api_breaker_open"] = rt.api.guard.blocked_until() is not None
-        guards = list(rt.backend_guards.values())
+        out["rate_limited"] = now < w.admission.paused_until
+        out["api_breaker_open"] = w.api.guard.blocked_until() is not None
+        guards = list(w.board.guards.values())
         out["backends_down"] = bool(guards) and all(g.blocked_until() is not None for g in guards)
     return out
 
@@ -280,8 +306,8 @@ class _RuntimeCollector(Collector):
         )
         secrets.add_metric([], float(len(REDACTOR)))
         yield secrets
-        rt = m._runtime
-        reasons = pause_reasons(rt) if rt is not None else dict.fromkeys(PAUSE_REASONS, False)
+        w = m._runtime
+        reasons = pause_reasons(w) if w is not None else dict.fromkeys(PAUSE_REASONS, False)
         for reason, on in reasons.items():
             paused.add_metric([reason], 1.0 if on else 0.0)
         yield paused

@@ -13,25 +13,28 @@
   in /health, and not taken again for `RECENT_TTL` seconds.
 
 Nothing here runs unless the global limiter has a token or spend tier (`budgets_on`).
+The stage's port is `Budgets`: the admission (the limiter), the book, the backend board,
+metrics, the task kinds (their `demand`) and FALLBACK_MODELS.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import trio
 
+from processor.board import Admission, BackendBoard
+from processor.book import Book
 from processor.effects.limiter import LimiterError
-from processor.kinds.base import Computed, Usage, Work, priced_model
+from processor.effects.logs import get_logger
+from processor.effects.metrics import Metrics
+from processor.kinds.base import Computed, TaskKind, Usage, Work, priced_model
 from processor.pure import ratelimit as rl
 from processor.pure.faults import Fault
 from processor.pure.lifecycle import Event
 from processor.pure.tasks import Backend
-
-if TYPE_CHECKING:
-    from processor.runtime import Runtime
 
 # Faults of a failed attempt that the provider does not bill (it refused the request before
 # doing the work); after any other one (no answer, a 5xx, a malformed answer) the work may
@@ -45,26 +48,38 @@ REASONS = {
 }
 
 
-def budgets_on(rt: Runtime) -> bool:
-    return bool(getattr(rt.admission.limiter, "budgets", False))
+@attrs.frozen
+class Budgets:
+    """What the budget stage touches."""
+
+    admission: Admission
+    book: Book
+    board: BackendBoard
+    metrics: Metrics
+    kinds: Mapping[str, TaskKind]
+    fallback_models: Mapping[str, str] = attrs.field(factory=dict)
 
 
-def demand_of(rt: Runtime, work: Work) -> rl.Demand:
+def budgets_on(bp: Budgets) -> bool:
+    return bool(getattr(bp.admission.limiter, "budgets", False))
+
+
+def demand_of(bp: Budgets, work: Work) -> rl.Demand:
     """What `work` may cost at most. An Ollama embedding with a fallback to OpenAI
     (FALLBACK_MODELS) is priced by its fallback, which may serve it (settled at no cost
     when Ollama does)."""
-    kind = rt.kinds.get(work.type)
+    kind = bp.kinds.get(work.type)
     fn = getattr(kind, "demand", None)
     d: rl.Demand = fn(work) if fn is not None else rl.Demand.upper_bound(work.text, priced_model(work))
-    if work.backend is Backend.OLLAMA and work.type == "text_embedding" and Backend.OPENAI in rt.board.adapters:
-        fallback = rt.s.fallback_models.get(work.model)
+    if work.backend is Backend.OLLAMA and work.type == "text_embedding" and Backend.OPENAI in bp.board.adapters:
+        fallback = bp.fallback_models.get(work.model)
         if fallback:
             d = attrs.evolve(d, model=fallback)
     return d
 
 
-def demands(rt: Runtime, works: Sequence[Work]) -> list[rl.Demand]:
-    return [demand_of(rt, w) for w in works]
+def demands(bp: Budgets, works: Sequence[Work]) -> list[rl.Demand]:
+    return [demand_of(bp, w) for w in works]
 
 
 def call_usage(answers: Sequence[object]) -> Usage | None:
@@ -77,7 +92,7 @@ def call_usage(answers: Sequence[object]) -> Usage | None:
     return None
 
 
-async def settle_call(rt: Runtime, works: Sequence[Work], answers: Sequence[object], *, retried: bool) -> None:
+async def settle_call(bp: Budgets, works: Sequence[Work], answers: Sequence[object], *, retried: bool) -> None:
     """Replace the reservations of a call's tasks by the call's real usage (all of its
     tasks, those whose answer was unusable too: they reached the backend). A call that
     needed retries keeps its reservations (an attempt before the one that answered may
@@ -90,7 +105,7 @@ async def settle_call(rt: Runtime, works: Sequence[Work], answers: Sequence[obje
         return
     reservations: list[rl.Reservation] = []
     for w in works:
-        rec = rt.book.records.get(w.id)
+        rec = bp.book.records.get(w.id)
         if rec is not None:
             # priced by the model that served the call (a fallback's reservation back to no
             # cost when Ollama served it; the fallback's price when it did)
@@ -99,31 +114,31 @@ async def settle_call(rt: Runtime, works: Sequence[Work], answers: Sequence[obje
                              for name, r in rec.charges if name == "global" and isinstance(r, rl.Reservation) and r.charges]
     if not reservations:
         return
-    await rt.admission.limiter.settle(reservations, tokens_in=usage.tokens_in, tokens_out=usage.tokens_out)
-    rt.admission.budget_freed()
+    await bp.admission.limiter.settle(reservations, tokens_in=usage.tokens_in, tokens_out=usage.tokens_out)
+    bp.admission.budget_freed()
 
 
 class BudgetPort:
     """`KindPorts.budget`: one more call's reservation for a task a kind asks again."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self._rt = rt
+    def __init__(self, budgets: Budgets) -> None:
+        self._budgets = budgets
 
     async def again(self, work: Work) -> bool:
-        rt = self._rt
+        bp = self._budgets
         try:
-            decision = await rt.admission.limiter.admit([demand_of(rt, work)])
+            decision = await bp.admission.limiter.admit([demand_of(bp, work)])
         except LimiterError as exc:
-            rt.log.warning("budget_reserve_failed", task_id=work.id, error=str(exc))
+            get_logger("daemon").warning("budget_reserve_failed", task_id=work.id, error=str(exc))
             return False
         r = decision.reservations[0] if decision.reservations else None
         if r is None:
             return False
-        rt.book.add_charge(work.id, ("global", r))
+        bp.book.add_charge(work.id, ("global", r))
         return True
 
 
-async def left_pending(rt: Runtime, works: Sequence[Work], refusals: Sequence[rl.Refusal | None], log: Any) -> None:
+async def left_pending(bp: Budgets, works: Sequence[Work], refusals: Sequence[rl.Refusal | None], log: Any) -> None:
     """Tasks a budget can never admit as things are (no price, bigger than a tier): counted
     per model, named in /health, logged once per model, dropped (they stay pending) and not
     taken again for a while."""
@@ -133,14 +148,14 @@ async def left_pending(rt: Runtime, works: Sequence[Work], refusals: Sequence[rl
         reason = REASONS.get(why) if why is not None else None
         if reason is None:
             continue
-        label, first = rt.board.mark_budget_refused(w.model, reason)
-        rt.metrics.budget_refused.labels(reason, label).inc()
+        label, first = bp.board.mark_budget_refused(w.model, reason)
+        bp.metrics.budget_refused.labels(reason, label).inc()
         if first:
-            log.warning("budget_left_pending", model=w.model, reason=reason, why=rt.board.budget_refused[reason][label],
+            log.warning("budget_left_pending", model=w.model, reason=reason, why=bp.board.budget_refused[reason][label],
                         action="tasks of this model stay pending")
         ids.append(w.id)
-    rt.book.fire(ids, Event.RESERVE, charges=())  # leased, nothing charged: the lease goes back with it
-    await rt.book.move(ids, Event.NOT_ADMITTED)
+    bp.book.fire(ids, Event.RESERVE, charges=())  # leased, nothing charged: the lease goes back with it
+    await bp.book.move(ids, Event.NOT_ADMITTED)
     for i in ids:
-        rt.book.recent[i] = now
-        rt.book.recent.move_to_end(i)
+        bp.book.recent[i] = now
+        bp.book.recent.move_to_end(i)

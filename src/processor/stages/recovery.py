@@ -8,31 +8,58 @@ never a reason to crash again at every start. While the daemon runs, a release t
 not take (its PATCH pending failed: the task stays `in_progress` there) is sent again, with
 back-off, until it is taken (`release_left`). Then, periodically, tasks left `in_progress`
 by a worker that died without its state are handed back to `pending`.
+
+The stage's port is `RecoveryPorts`: the journal, the book, the admission (leases, the
+limiter's reservations), the task API, metrics, the retry schedule, the wall clock, the
+lifecycle's `stopping`, and the report stage's `Reporter` (outbox rows are reported first).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import attrs
 import trio
 
-from processor.effects.api import ApiError
-from processor.effects.store import ClaimRow, OutboxRow
+from processor.board import Admission
+from processor.book import Book
+from processor.effects.api import ApiError, TaskApi
+from processor.effects.logs import get_logger
+from processor.effects.metrics import Metrics
+from processor.effects.store import ClaimRow, JournalStore, OutboxRow
 from processor.pure.lifecycle import Event, Outcome
 from processor.pure.tasks import OBJECT_ID, parse_created_at
-from processor.runtime import Runtime
-from processor.stages.report import report_batch
+from processor.runtime import RetryConfig
+from processor.stages.report import Reporter, report_batch
+
+
+@attrs.frozen
+class RecoveryPorts:
+    """What the recovery stage touches."""
+
+    journal: JournalStore
+    book: Book
+    admission: Admission
+    api: TaskApi
+    metrics: Metrics
+    retry: RetryConfig
+    wall: Callable[[], float]
+    stopping: trio.Event
+    reporter: Reporter
 
 
 def _valid_id(task_id: object) -> bool:
     return isinstance(task_id, str) and OBJECT_ID.fullmatch(task_id) is not None
 
 
-async def _quarantine(rt: Runtime, task_id: str, why: str) -> None:
-    rt.log.error("state_row_quarantined", component="recovery", task_id=repr(task_id)[:60], why=why)
-    rt.metrics.rejected.labels("quarantined_state_row").inc()
+async def _quarantine(p: RecoveryPorts, task_id: str, why: str) -> None:
+    log = get_logger("daemon")
+    log.error("state_row_quarantined", component="recovery", task_id=repr(task_id)[:60], why=why)
+    p.metrics.rejected.labels("quarantined_state_row").inc()
     try:
-        await rt.journal.finish([task_id])
+        await p.journal.finish([task_id])
     except Exception as exc:
-        rt.log.warning("quarantine_failed", component="recovery", error=str(exc))
+        log.warning("quarantine_failed", component="recovery", error=str(exc))
 
 
 def _outcome(row: OutboxRow) -> Outcome:
@@ -41,11 +68,11 @@ def _outcome(row: OutboxRow) -> Outcome:
     return Outcome.failure(row.reason or "failed")
 
 
-async def recover(rt: Runtime) -> None:
-    log = rt.log.bind(component="recovery")
+async def recover(p: RecoveryPorts) -> None:
+    log = get_logger("daemon").bind(component="recovery")
     try:
-        outbox = rt.journal.outbox()
-        orphans = rt.journal.orphan_claims()
+        outbox = p.journal.outbox()
+        orphans = p.journal.orphan_claims()
     except Exception as exc:
         log.error("state_unreadable", error=str(exc))
         return
@@ -54,55 +81,55 @@ async def recover(rt: Runtime) -> None:
         ids = []
         for row in outbox:
             if not _valid_id(row.task_id) or row.state not in ("succeeded", "failed"):
-                await _quarantine(rt, row.task_id, "invalid id or state in the outbox")
+                await _quarantine(p, row.task_id, "invalid id or state in the outbox")
                 continue
-            rt.book.take_id(row.task_id)
-            rt.book.fire([row.task_id], Event.RECOVERED_RESULT, outcome=_outcome(row))
-            rt.book.computed_at[row.task_id] = row.computed_at
+            p.book.take_id(row.task_id)
+            p.book.fire([row.task_id], Event.RECOVERED_RESULT, outcome=_outcome(row))
+            p.book.computed_at[row.task_id] = row.computed_at
             ids.append(row.task_id)
         for i in range(0, len(ids), 256):
-            await report_batch(rt, ids[i : i + 256])
+            await report_batch(p.reporter, ids[i : i + 256])
     if orphans:
         log.info("journal_release", count=len(orphans))
         ids = []
         for claim in orphans:
             if not _valid_id(claim.task_id):
-                await _quarantine(rt, claim.task_id, "invalid id in the journal")
+                await _quarantine(p, claim.task_id, "invalid id in the journal")
                 continue
-            rt.book.take_id(claim.task_id)
-            _recovered(rt, claim)
+            p.book.take_id(claim.task_id)
+            _recovered(p, claim)
             ids.append(claim.task_id)
-        await rt.book.release(ids, "recovered_at_start")
-    rt.metrics.in_flight.set(len(rt.book))
+        await p.book.release(ids, "recovered_at_start")
+    p.metrics.in_flight.set(len(p.book))
 
 
-def _recovered(rt: Runtime, claim: ClaimRow) -> None:
+def _recovered(p: RecoveryPorts, claim: ClaimRow) -> None:
     if claim.dispatched or claim.reserved_at is None:
-        rt.book.fire([claim.task_id], Event.RECOVERED_DISPATCHED)  # may have reached a backend: units stay spent
+        p.book.fire([claim.task_id], Event.RECOVERED_DISPATCHED)  # may have reached a backend: units stay spent
     else:
-        reservation = rt.admission.limiter.reservation_at(claim.reserved_at)
-        rt.book.fire([claim.task_id], Event.RECOVERED_CLAIM, charges=(("global", reservation),))
+        reservation = p.admission.limiter.reservation_at(claim.reserved_at)
+        p.book.fire([claim.task_id], Event.RECOVERED_CLAIM, charges=(("global", reservation),))
 
 
-async def release_left(rt: Runtime, *, every: float = 1.0) -> None:
+async def release_left(p: RecoveryPorts, *, every: float = 1.0) -> None:
     """Send again the releases the API did not take (`Book.left`): each such task is
     `in_progress` at the API with its journal row kept, and nobody else would hand it back
     before the stale-claim takeover (RECLAIM_AFTER_SECONDS). Its units were refunded or stay
     spent already: it comes back as dispatched (no refund). With back-off while they fail;
     at shutdown the rows stay for the next start."""
-    log = rt.log.bind(component="recovery")
+    log = get_logger("daemon").bind(component="recovery")
     failures = 0
-    while not rt.stopping.is_set():
-        with trio.move_on_after(every if failures == 0 else max(every, rt.backoff(failures))):
-            await rt.stopping.wait()
-        book = rt.book
+    while not p.stopping.is_set():
+        with trio.move_on_after(every if failures == 0 else max(every, p.retry.backoff(failures))):
+            await p.stopping.wait()
+        book = p.book
         ids = sorted(i for i in book.left if book.phase(i) is None)
         book.left.difference_update(ids)
-        if rt.stopping.is_set() or not ids:
+        if p.stopping.is_set() or not ids:
             continue
         try:
-            rows = {c.task_id for c in rt.journal.orphan_claims()}
-            ids = await rt.admission.leases.acquire([i for i in ids if i in rows])
+            rows = {c.task_id for c in p.journal.orphan_claims()}
+            ids = await p.admission.leases.acquire([i for i in ids if i in rows])
         except Exception as exc:
             log.warning("release_retry_failed", error=str(exc), count=len(ids))
             book.left.update(ids)
@@ -117,48 +144,48 @@ async def release_left(rt: Runtime, *, every: float = 1.0) -> None:
             failures = 0 if released == len(ids) else failures + 1
 
 
-async def reclaimer(rt: Runtime, *, interval: float, older_than: float) -> None:
+async def reclaimer(p: RecoveryPorts, *, interval: float, older_than: float) -> None:
     """Every `interval`, hand back in_progress tasks nobody holds (no record, no live lease)."""
-    log = rt.log.bind(component="recovery")
-    while not rt.stopping.is_set():
+    log = get_logger("daemon").bind(component="recovery")
+    while not p.stopping.is_set():
         try:
-            await reclaim_once(rt, older_than=older_than)
+            await reclaim_once(p, older_than=older_than)
         except Exception as exc:  # API or Redis unreachable: try again next round
             log.warning("reclaim_scan_failed", error=str(exc))
         with trio.move_on_after(interval):
-            await rt.stopping.wait()
+            await p.stopping.wait()
 
 
-async def reclaim_once(rt: Runtime, *, older_than: float) -> int:
-    log = rt.log.bind(component="recovery")
-    now = rt.wall()
+async def reclaim_once(p: RecoveryPorts, *, older_than: float) -> int:
+    log = get_logger("daemon").bind(component="recovery")
+    now = p.wall()
     candidates: list[str] = []
-    async with rt.api.by_state("in_progress") as entries:
+    async with p.api.by_state("in_progress") as entries:
         async for raw in entries:
             if not isinstance(raw, dict):
                 continue
             tid = raw.get("_id")
-            if not _valid_id(tid) or rt.book.phase(tid) is not None:  # type: ignore[arg-type]
+            if not _valid_id(tid) or p.book.phase(tid) is not None:  # type: ignore[arg-type]
                 continue
             updated = parse_created_at(raw.get("updatedAt"))
             if updated is None or now - updated >= older_than:
                 candidates.append(tid)  # type: ignore[arg-type]
     if not candidates:
         return 0
-    live = await rt.admission.leases.live(candidates)
-    stale = [t for t in candidates if t not in live and rt.book.phase(t) is None]
+    live = await p.admission.leases.live(candidates)
+    stale = [t for t in candidates if t not in live and p.book.phase(t) is None]
     if not stale:
         return 0
-    taken = await rt.admission.leases.acquire(stale)
+    taken = await p.admission.leases.acquire(stale)
     released = 0
     for tid in taken:
         try:
-            await rt.api.patch(tid, "pending")
+            await p.api.patch(tid, "pending")
             released += 1
         except ApiError as exc:
             log.warning("reclaim_failed", task_id=tid, error=str(exc))
-    await rt.admission.leases.release(taken)
+    await p.admission.leases.release(taken)
     if released:
-        rt.metrics.released.labels("stale_claim").inc(released)
+        p.metrics.released.labels("stale_claim").inc(released)
         log.warning("stale_claims_reclaimed", count=released, older_than=older_than)
     return released
