@@ -90,6 +90,9 @@ async def test_a_cold_backend_gets_one_request_at_a_time_until_measured(slow: Wo
 
 
 async def test_a_fast_backend_gets_full_requests_and_more_in_flight(tmp_path, autojump_clock) -> None:
+    # journal writes run in threads: the clock must not jump while one is still writing (a
+    # busy disk), or the measurement it jumps past looks stale (tests/stages/conftest.py)
+    autojump_clock.autojump_threshold = IO_SETTLE
     w = make_world(tmp_path, cold_items=None)
     w.embedder.latency = 0.05  # a GPU server: 64 texts in 50 ms, many requests at once
     send, recv = trio.open_memory_channel[list[str]](10_000)
