@@ -45,6 +45,8 @@ LONG_FIRST = (
     "tests/hostile/test_slow_backend.py::test_a_slow_cpu_server_is_measured_first_and_never_made_to_compute_abandoned_work",
     "tests/test_redis.py::test_redis_down_mid_run_fails_closed_and_resumes",
     "tests/hostile/test_properties.py::test_every_property_holds_in_a_hostile_world_ollama",
+    "tests/hostile/test_properties.py::test_every_property_holds_in_a_hostile_world_two_replicas_on_redis",
+    "tests/hostile/test_properties.py::test_every_property_holds_in_a_hostile_world_hybrid",
 )
 
 

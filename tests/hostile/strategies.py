@@ -72,19 +72,21 @@ def hostile_entries() -> st.SearchStrategy[EntrySpec]:
     )
 
 
-def offer(world: World, spec: EntrySpec, index: int, *, model: str = LOCAL_MODEL) -> None:
+def offer(world: World, spec: EntrySpec, index: int, *, model: str = LOCAL_MODEL, default: str | None = None) -> None:
     """Put `spec` into the world's pending list as bytes, with what it may become (`model`:
-    the served model valid entries name; without a model key the default must be it)."""
+    the served model valid entries name; `default`: the mode's DEFAULT_MODEL, which a
+    content without a model key gets, `model` when not given)."""
     tid = world.sandbox.new_id()
     base: dict[str, Any] = {"_id": tid, "type": "text_embedding", "state": "pending"}
     kind = spec.kind
     if kind == "valid":
         text = f"t{index} {spec.text}"
-        content: Any = text if spec.bare else ({"text": text} if spec.model is None else {"text": text, "model": model})
+        named = not spec.bare and spec.model is not None
+        content: Any = text if spec.bare else ({"text": text, "model": model} if named else {"text": text})
         raw = json_raw({**spec.extras, **base, "content": content})
         if spec.duplicate:
             raw = raw + b"," + raw  # listed twice in the same array while it is pending
-        world.offer_raw(raw, key=tid, expect="succeed", text=text, model=model, note=f"valid {spec}")
+        world.offer_raw(raw, key=tid, expect="succeed", text=text, model=model if named else (default or model), note=f"valid {spec}")
         return
     if kind.startswith("defect:"):
         content, words = DEFECTS[kind.split(":", 1)[1]]

@@ -248,8 +248,11 @@ class World:
         return [s for s in {self.sandbox.client_secret, API_KEY, *self.sandbox.issued} if s and len(s) >= 6]
 
     def expected(self, o: Offered, openai: bool) -> list[float]:
+        """The vector `o` must end with: OpenAI's in `openai` mode, and in hybrid mode for
+        the OpenAI model (`REMOTE_MODEL`); Ollama's otherwise."""
         model = o.model or LOCAL_MODEL
-        return expected_vector(model, o.text or "", OPENAI_DIM if openai else OLLAMA_DIM, openai=openai)
+        remote = openai or model == REMOTE_MODEL
+        return expected_vector(model, o.text or "", OPENAI_DIM if remote else OLLAMA_DIM, openai=remote)
 
     async def violations(self, d: Daemon, *, openai: bool = False, limit: tuple[str, int, float] | None = None,
                          check_vectors: bool = True) -> list[str]:
