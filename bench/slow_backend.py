@@ -8,10 +8,7 @@ next one, like an OpenAI-compatible embedding server on a CPU (`--mode openai`, 
 default: the daemon sends requests in parallel there) or a CPU-only Ollama (`--mode ollama`). The ideal is its compute time for every text once
 (128 s for 128 texts of 2,000 characters). Targets: done within 240 s, <= 2.2 PATCHes per
 task, then SIGTERM exits 0 within the grace with nothing left in_progress. `--sigterm-after S`
-sends the SIGTERM S seconds after the start instead, with work still in flight. It also prints
-how many tasks were `in_progress` at once and the longest claim-to-report time: with more
-tasks than the server computes in the intake horizon (`--tasks 400`), intake takes only
-that much once the speed is measured; the rest wait `pending`.
+sends the SIGTERM S seconds after the start instead, with work still in flight.
 
 The daemon runs as its own process (`python -m processor run`); HOSTILE_DAEMON_SRC=<tree>/src
 runs another tree's daemon (e.g. a6a26dd) against the same world.
@@ -63,7 +60,6 @@ async def main(args: argparse.Namespace) -> None:
                 d.kill()
             left = w.states().get("in_progress", 0)
             events = Counter(event_names(d.log_text()))
-            most, longest = held_in_progress(w.sandbox.patches)
     print(f"daemon from {DAEMON_SRC or 'this tree'}; fake {args.mode}, slow CPU server (1 s per 2,000 characters, one request at a time,"
           " abandoned requests still computed)")
     print(f"tasks: {args.tasks} x {args.chars} characters; ideal (server compute once): {ideal:.0f} s")
@@ -73,24 +69,10 @@ async def main(args: argparse.Namespace) -> None:
     print(f"PATCHes per task: {patches / args.tasks:.2f} vs target 2.2 ({patches} PATCHes)")
     print(f"backend: {fake.requests} requests, {sum(fake.inputs.values())} inputs sent for {args.tasks} texts; "
           f"server still busy {max(0.0, fake.busy_until - trio.current_time()):.0f} s past the end")
-    print(f"in_progress at once: at most {most} tasks; longest claim-to-report {longest:.0f} s")
     print(f"SIGTERM: exit {code if code is not None else 'none (killed)'} after {exit_s:.1f} s (grace {GRACE:.0f} s); "
           f"in_progress left: {left}")
     notable = ("timeout", "split", "gave_up", "released", "breaker", "retry", "abandon", "adaptive", "size", "failed", "crash")
     print(f"log events: {dict(sorted((k, v) for k, v in events.items() if any(n in k for n in notable)))}")
-
-
-def held_in_progress(patches: list) -> tuple[int, float]:
-    """(most tasks `in_progress` at once, longest time one stayed so) from the API's PATCH log."""
-    since: dict[str, float] = {}
-    most, longest = 0, 0.0
-    for p in sorted(patches, key=lambda p: p.at):
-        if p.state == "in_progress":
-            since.setdefault(p.task_id, p.at)
-            most = max(most, len(since))
-        elif p.task_id in since:
-            longest = max(longest, p.at - since.pop(p.task_id))
-    return most, longest
 
 
 if __name__ == "__main__":

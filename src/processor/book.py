@@ -9,7 +9,7 @@ the retry policy), except PATCH pending, which `release` sends itself.
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,8 +28,6 @@ from processor.pure.lifecycle import Effect, Event, Outcome, Phase
 _log = get_logger("lifecycle")
 RECENT_TTL = 120.0  # seconds a finished id is remembered (a stale poll may still list it)
 RECENT_MAX = 50_000
-# held and not computed yet: what intake weighs against a backend's measured throughput
-WAITING = frozenset({Phase.SEEN, Phase.RESERVED, Phase.CLAIMING, Phase.CLAIMED, Phase.DISPATCHED})
 
 
 
@@ -88,16 +86,6 @@ class Book:
 
     def room_left(self) -> int:
         return max(0, self.capacity - len(self.records))
-
-    def waiting_by_route(self) -> Counter[tuple[Any, str]]:
-        """Tasks held and not computed yet, per (backend, model) of their work."""
-        out: Counter[tuple[Any, str]] = Counter()
-        for task_id, r in self.records.items():
-            if r.phase in WAITING:
-                w = self.works.get(task_id)
-                if w is not None:
-                    out[(w.backend, w.model)] += 1
-        return out
 
     def in_phase(self, *phases: Phase) -> list[str]:
         return [i for i, r in self.records.items() if r.phase in phases]

@@ -344,32 +344,3 @@ def test_a_larger_request_never_gets_a_shorter_timeout(cfg, obs, a, b, items):
     s, now = _fold(cfg, obs)
     small, large = sorted((a, b))
     assert ad.timeout_for(cfg, s, items, small, now) <= ad.timeout_for(cfg, s, items, large, now)
-
-
-@given(ips=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)), horizon=st.one_of(st.floats(0, 1e6), weird),
-       floor=st.integers(0, 512))
-def test_the_intake_allowance_is_what_the_backend_computes_in_the_horizon_and_at_least_the_floor(ips, horizon, floor):
-    got = ad.intake_allowance(ips, horizon=horizon, floor=floor)
-    assert isinstance(got, int) and got >= max(floor, 1)
-    if ips is None or not math.isfinite(ips) or ips <= 0:
-        assert got == max(floor, 1)  # unknown speed: one full request
-        return
-    if math.isfinite(horizon) and horizon >= 0 and ips * horizon < 1e9:
-        assert got == max(floor, 1, math.ceil(ips * horizon))
-        assert got - 1 < max(floor, 1, ips * horizon)  # never a whole task more than that
-
-
-@given(a=st.floats(1e-3, 1e4), b=st.floats(1e-3, 1e4), horizon=st.floats(0, 1e4), floor=st.integers(0, 256))
-def test_a_faster_backend_never_gets_a_smaller_intake_allowance(a, b, horizon, floor):
-    lo, hi = sorted((a, b))
-    assert ad.intake_allowance(lo, horizon=horizon, floor=floor) <= ad.intake_allowance(hi, horizon=horizon, floor=floor)
-
-
-@given(cfg=configs, obs=st.lists(observations, max_size=30), horizon=st.floats(0, 1e4))
-def test_any_measured_state_gives_an_allowance_of_at_least_one_full_request(cfg, obs, horizon):
-    s, now = ad.initial(cfg), 0.0
-    for items, chars, outcome, elapsed, gap in obs:
-        now += gap
-        s = ad.observe(cfg, s, ad.Observation(items, chars, outcome, elapsed, now))
-    got = ad.intake_allowance(ad.items_per_second(cfg, s), horizon=horizon, floor=cfg.max_items)
-    assert got >= cfg.max_items and (s.rate is not None or got == cfg.max_items)

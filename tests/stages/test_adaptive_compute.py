@@ -9,7 +9,6 @@ virtual clock, one request at a time (`serial`), like a CPU server.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -17,9 +16,8 @@ import trio
 
 from processor.pure import adaptive as ad
 from processor.pure.lifecycle import Phase
-from processor.stages import embed, intake
+from processor.stages import embed
 from tests.stages.conftest import IO_SETTLE, MODEL, World, claim_all, drain, make_world, tid
-from tests.stages.test_intake import Lanes, entry
 
 TEXT = 2000  # characters per text: one second each on the slow server
 SLOW = 1 / 2000  # seconds per character: 1 s per 2,000-character text
@@ -223,90 +221,5 @@ async def test_an_adapter_without_a_per_call_timeout_is_still_served(tmp_path, a
         await _compute(w, [w.work(i) for i in range(6)], send)
         assert len(drain(recv)) == 6 and w.embedder.timeouts == [None] * len(w.embedder.calls)
         assert w.api.sent("pending") == []
-    finally:
-        w.close()
-
-
-async def test_once_measured_intake_takes_only_what_the_backend_computes_in_its_horizon(slow: World, autojump_clock) -> None:
-    """A slow server's tasks are not claimed long before it can compute them: once its speed
-    is measured, intake takes at most what it computes in the horizon (three polling
-    intervals, at least a minute); the rest stay pending, for the next poll or another
-    replica. INTAKE_CAPACITY alone would take 256 of them, each waiting `in_progress` up to
-    four minutes."""
-    lanes = Lanes()
-    send, recv = trio.open_memory_channel[list[str]](1000)
-    await _compute(slow, _texts(slow, 16), send)  # measured: about one text per second
-    assert len(drain(recv)) == 16
-    ips = _limiter(slow).items_per_second()
-    assert ips is not None and 0.5 < ips < 2.0, ips
-    port = slow.p.stages.intake
-    horizon = intake.intake_horizon(port.polling_interval_seconds)
-    allowance = max(slow.p.config.max_batch_size, math.ceil(ips * horizon))
-    assert allowance < slow.p.config.intake_capacity
-    slow.api.pending_list = [entry(1000 + i, f"{i:05d} " + "y" * (TEXT - 6)) for i in range(300)]
-    new, read = await lanes.poll(slow)
-    assert (new, read) == (allowance, 300)  # read on past the backend's share: every entry seen
-    assert len(lanes.taken()) == allowance
-    assert slow.metric("processor_intake_deferred_total", backend=slow.backend.value) == 300 - allowance
-    # nothing computed meanwhile: the next poll takes none, however much INTAKE_CAPACITY has left
-    assert slow.p.book.room_left() > 0
-    assert await lanes.poll(slow) == (0, 300)
-
-
-async def test_intake_takes_one_full_request_until_the_speed_is_measured_and_a_fast_backend_the_capacity(tmp_path, autojump_clock) -> None:
-    for fast in (False, True):
-        (tmp_path / str(fast)).mkdir()
-        w = make_world(tmp_path / str(fast), cold_items=None)
-        lanes = Lanes()
-        try:
-            if fast:  # measured: 64 texts in 50 ms, what it computes in the horizon is far above the capacity
-                w.embedder.latency = 0.05
-                send, recv = trio.open_memory_channel[list[str]](1000)
-                await _compute(w, [w.work(i) for i in range(64)], send)
-                assert _limiter(w).items_per_second() is not None
-            w.api.pending_list = [entry(1000 + i) for i in range(300)]
-            if not fast:  # cold: one full request (MAX_BATCH_SIZE); the rest wait for its answer
-                batch = w.p.config.max_batch_size
-                assert await lanes.poll(w) == (batch, 300)
-                assert w.metric("processor_intake_deferred_total", backend=w.backend.value) == 300 - batch
-                continue
-            room = w.p.book.room_left()  # the capacity, less the results not reported yet
-            assert room > 128
-            assert await lanes.poll(w) == (room, room + 1)  # the capacity stops the read, as before
-            assert w.metric("processor_intake_deferred_total", backend=w.backend.value) == 0
-        finally:
-            w.close()
-
-
-async def test_after_leaving_tasks_for_later_the_poller_reads_again_once_the_backend_has_room(tmp_path, autojump_clock) -> None:
-    """Tasks left pending for their backend's sake are read again as soon as it is down to
-    half what it may hold, not a whole polling interval later (a fast backend at a cold start
-    would idle), and at the latest after the interval."""
-    w = make_world(tmp_path, cold_items=None)
-    lanes = Lanes()
-    try:
-        port = w.p.stages.intake
-        w.api.pending_list = [entry(i) for i in range(100)]
-        pace = intake.Pace(port)
-        assert await intake.poll_once(port, lanes.intake_s, lanes.rejects_s, lanes.logged, pace) == (64, 100)
-        taken = lanes.taken()
-
-        async def computed_after(seconds: float, ids: list[str]) -> None:
-            await trio.sleep(seconds)
-            await w.p.book.drop(ids)  # no longer waiting for the backend
-
-        start = trio.current_time()
-        async with trio.open_nursery() as n:
-            n.start_soon(computed_after, 5.0, taken[:20])  # 44 left: more than half of 64, no room yet
-            n.start_soon(computed_after, 8.0, taken[20:40])  # 24 left: room
-            await intake._until_backend_room(port, pace, port.polling_interval_seconds)
-        assert 8.0 <= trio.current_time() - start < 10.0
-        start = trio.current_time()  # nothing leaves: the wait ends with the polling interval
-        await intake._until_backend_room(port, intake.Pace(port), port.polling_interval_seconds)  # nothing deferred: at once
-        assert trio.current_time() - start < 1.0
-        assert await intake.poll_once(port, lanes.intake_s, lanes.rejects_s, lanes.logged, pace2 := intake.Pace(port)) == (40, 100)
-        start = trio.current_time()
-        await intake._until_backend_room(port, pace2, port.polling_interval_seconds)
-        assert trio.current_time() - start == pytest.approx(port.polling_interval_seconds, abs=1.0)
     finally:
         w.close()

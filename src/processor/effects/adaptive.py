@@ -287,14 +287,5 @@ class AdaptiveLimits:
         self._limiters[key] = lim  # (re)inserted last: the dict is in order of use
         return lim
 
-    def intake_allowance(self, backend: Hashable, model: str, horizon: float) -> int:
-        """Tasks of (backend, model) worth holding at once (`pure.adaptive.intake_allowance`):
-        one full request while its speed is unknown. Looks only: no limiter is made and the
-        order of use is kept."""
-        lim = self._limiters.get((backend, model))
-        if lim is None:
-            return ad.intake_allowance(None, horizon=horizon, floor=self._max_items)
-        return ad.intake_allowance(lim.items_per_second(), horizon=horizon, floor=lim.cfg.max_items)
-
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {lim.name: lim.snapshot() for lim in self._limiters.values()}

@@ -162,11 +162,6 @@ class Metrics:
         self.stage_tasks = Counter(
             "processor_stage_tasks_total", "Tasks through each stage of the data path", ["stage"], registry=r
         )
-        self.intake_deferred = Counter(
-            "processor_intake_deferred_total",
-            "Pending tasks left for a later poll: their backend already holds what it computes in the intake horizon",
-            ["backend"], registry=r,
-        )
         self.channel_depth = Gauge("processor_channel_depth", "Items waiting between stages", ["channel"], registry=r)
         self.backlog = _StampedGauge(
             "ai_tasks_pending_backlog", "Pending entries read at the last poll (a lower bound when the read stopped early)", registry=r

@@ -31,11 +31,6 @@ configured timeout, measures, and then sizes from what it measured:
   unknown, and again after `stale_after` seconds without any answer (the server may have
   unloaded the model), when requests in flight also drop to one until the next answer.
 
-Intake uses the measured throughput too (`intake_allowance`): it takes no more tasks of a
-(backend, model) than that backend computes in a horizon (a few polling intervals), so a
-slow server's tasks are not claimed long before they can be computed; they stay pending,
-for the next poll or another replica.
-
 `target` is clamped so that `factor * target + margin` fits under `cap`: a request sized
 for the target then always has a timeout well above its expected time.
 
@@ -240,16 +235,6 @@ def timeout_for(cfg: Config, s: State, items: int, chars: int, now: float) -> fl
         return cfg.timeout_cap
     floor = min(cfg.timeout_floor, cfg.timeout_cap)
     return _clamp(cfg.timeout_factor * expected + cfg.timeout_margin, floor, cfg.timeout_cap)
-
-
-def intake_allowance(ips: float | None, *, horizon: float, floor: int) -> int:
-    """Tasks of one (backend, model) worth holding at once (taken, not yet computed): what the
-    measured throughput `ips` (items per second) computes in `horizon` seconds, at least
-    `floor` (one full request). While the speed is unknown: `floor`."""
-    if ips is None or not math.isfinite(ips) or ips <= 0:
-        return max(floor, 1)
-    span = horizon if horizon >= 0 else 0.0  # (NaN is not >= 0: no horizon, the floor)
-    return max(floor, 1, math.ceil(min(ips * span, 1e9)))
 
 
 def items_per_second(cfg: Config, s: State) -> float | None:

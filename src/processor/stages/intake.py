@@ -1,6 +1,5 @@
 """Poll the pending list as a stream and parse each entry (pure), taking tasks only while
-there is room: in the intake (INTAKE_CAPACITY), and for their backend once its speed is
-measured (what it computes in a few polling intervals; the rest stays pending). A task whose content is defective goes straight to the reporter as
+there is room. A task whose content is defective goes straight to the reporter as
 `failed`; a type this worker does not run, or a model it cannot serve, stays pending.
 
 The stage's port is `IntakePorts`: the task API, the backend board (breakers, models it
@@ -10,7 +9,6 @@ stage's `deliver` (for rejected tasks)."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,7 +23,6 @@ from processor.effects.logs import get_logger
 from processor.effects.metrics import Metrics
 from processor.kinds.base import Defect, TaskKind, Work
 from processor.pure import pacing
-from processor.pure.faults import Dependency
 from processor.pure.lifecycle import Outcome
 from processor.pure.tasks import (
     TEXT_EMBEDDING,
@@ -88,9 +85,8 @@ async def poller(p: IntakePorts, intake: trio.MemorySendChannel[Work], rejects: 
                 with trio.move_on_at(until):
                     await p.stopping.wait()
                 continue
-            pace = Pace(p)
             try:
-                new, seen = await poll_once(p, intake, rejects, logged_once, pace)
+                new, seen = await poll_once(p, intake, rejects, logged_once)
             except ApiError as exc:
                 failures += 1
                 delay = p.retry.backoff(failures)
@@ -106,21 +102,9 @@ async def poller(p: IntakePorts, intake: trio.MemorySendChannel[Work], rejects: 
             else:
                 log.debug("poll", new=0, read=seen)
             delay = pacing.poll_delay(outcome, p.polling_interval_seconds, p.retry.rng.random())
-            if pace.deferred:  # a backend has what it computes in the horizon: read again once it has room
-                await _until_backend_room(p, pace, max(delay, p.polling_interval_seconds))
-            elif delay > 0:
+            if delay > 0:
                 with trio.move_on_after(delay):
                     await p.stopping.wait()
-
-
-async def _until_backend_room(p: IntakePorts, pace: Pace, most: float) -> None:
-    """Wait until a backend whose tasks were left for later has room again, for at most
-    `most` seconds (the polling interval: new tasks of other backends are read then)."""
-    deadline = trio.current_time() + most
-    tick = min(1.0, max(p.polling_interval_seconds, 0.05))  # a look at local state, not a request
-    while not p.stopping.is_set() and trio.current_time() < deadline and not pace.room_again():
-        with trio.move_on_after(min(tick, max(deadline - trio.current_time(), 0.0))):
-            await p.stopping.wait()
 
 
 def _work(p: IntakePorts, raw: object, task: Task) -> Work | Defect:
@@ -156,14 +140,11 @@ async def poll_once(
     intake: trio.MemorySendChannel[Work],
     rejects: trio.MemorySendChannel[list[str]],
     logged_once: set[object],
-    pace: Pace | None = None,
 ) -> tuple[int, int]:
-    """One streamed read of the pending list. Returns (tasks taken, entries read); `pace`
-    keeps what was left for later because its backend had enough in hand."""
+    """One streamed read of the pending list. Returns (tasks taken, entries read)."""
     log = get_logger("daemon").bind(component="intake")
     new = seen = 0
     room = p.book.room_left()
-    pace = pace if pace is not None else Pace(p)
     async with p.api.pending() as entries:
         async for raw in entries:
             seen += 1
@@ -181,8 +162,6 @@ async def poll_once(
                 elif (why := p.board.model_unusable(work.model)) is not None:
                     _unservable(p, work.id, work.model, why, logged_once, log)
                     continue
-                elif not pace.take(work):
-                    continue
                 else:
                     p.book.take(work)
                     intake.send_nowait(work)
@@ -196,67 +175,7 @@ async def poll_once(
     p.metrics.backlog.set(seen)
     if new:
         p.metrics.stage_tasks.labels("taken").inc(new)
-    pace.publish(log)
     return new, seen
-
-
-def intake_horizon(polling_interval_seconds: float) -> float:
-    """Seconds of a backend's measured throughput intake keeps in hand: three polling
-    intervals (the backend never runs dry between two polls), at least a minute."""
-    return max(60.0, 3.0 * polling_interval_seconds)
-
-
-class Pace:
-    """One poll's view of how much each (backend, model) of an embedding kind may still
-    take: no more than its measured throughput computes in the intake horizon, one full
-    request while its speed is unknown (`pure.adaptive.intake_allowance`). A task past that
-    stays pending (not claimed): for the next poll, or another replica."""
-
-    def __init__(self, p: IntakePorts) -> None:
-        self.adaptive = p.board.adaptive
-        self.kinds = p.kinds
-        self.book = p.book
-        self.horizon = intake_horizon(p.polling_interval_seconds)
-        self.metrics = p.metrics
-        self.held: Counter[tuple[Any, str]] | None = None  # counted on first use: most polls need none of it
-        self.allowed: dict[tuple[Any, str], int] = {}
-        self.deferred: Counter[tuple[Any, str]] = Counter()
-
-    def _allowance(self, key: tuple[Any, str]) -> int:
-        assert self.adaptive is not None
-        return self.adaptive.intake_allowance(key[0], key[1], self.horizon)
-
-    def take(self, work: Work) -> bool:
-        kind = self.kinds.get(work.type)
-        if self.adaptive is None or kind is None or kind.dependency is not Dependency.EMBEDDING:
-            return True  # chat calls are one task each, bounded by their own timeouts
-        key = (work.backend, work.model)
-        if key not in self.allowed:
-            self.allowed[key] = self._allowance(key)
-        if self.held is None:
-            self.held = self.book.waiting_by_route()
-        if self.held[key] >= self.allowed[key]:
-            self.deferred[key] += 1
-            return False
-        self.held[key] += 1
-        return True
-
-    def room_again(self) -> bool:
-        """A deferred (backend, model) is down to half what it may hold (or its allowance
-        grew, once its speed was measured): worth reading the list again."""
-        if not self.deferred:
-            return True
-        held = self.book.waiting_by_route()
-        return any(held[key] <= self._allowance(key) // 2 for key in self.deferred)
-
-    def publish(self, log: Any) -> None:
-        by_backend: Counter[str] = Counter()
-        for (backend, _model), n in self.deferred.items():
-            by_backend[getattr(backend, "value", str(backend))] += n
-        for backend, n in by_backend.items():
-            self.metrics.intake_deferred.labels(backend).inc(n)
-        if by_backend:
-            log.debug("intake_deferred", deferred=dict(by_backend), horizon_seconds=self.horizon)
 
 
 async def _rejected(p: IntakePorts, raw: object, parsed: Rejected, rejects: trio.MemorySendChannel[list[str]],
